@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-import math
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
@@ -262,6 +261,11 @@ class Case:
     lens: Optional[tuple]  # None: seq_lens=None
     S: int = 3             # correct_kv_attention chunk length
     q_strided: bool = False
+    v_layout: Optional[str] = None  # None: same as layout
+
+    @property
+    def v_layout_(self):
+        return self.v_layout or self.layout
 
     @property
     def torch_dtype(self):
@@ -272,17 +276,18 @@ class Case:
         lens = "none" if self.lens is None else ",".join(map(str, self.lens))
         sr = f"s{self.sink}r{self.recent}"
         qs = "-qstrided" if self.q_strided else ""
+        vl = f"+v{self.v_layout}" if self.v_layout and self.v_layout != self.layout else ""
         return (f"B{self.B}-h{self.Hq}x{self.Hkv}-d{self.D}-{self.dtype}-{self.mode}-{sr}-"
-                f"{self.layout}{qs}-N{self.N}-k{self.top_k}-L[{lens}]")
+                f"{self.layout}{vl}{qs}-N{self.N}-k{self.top_k}-L[{lens}]")
 
 
-def _case(B, heads, D, dtype, mode, sink_recent, layout, N, top_k, lens, S=3, q_strided=False):
+def _case(B, heads, D, dtype, mode, sink_recent, layout, N, top_k, lens, S=3, q_strided=False, v_layout=None):
     """lens: symbols resolved against top_k and N: '1', 'lt' (< top_k), 'eq' (== top_k),
     'gt' (top_k + 1), 'N' (the capacity, >> top_k), 'N-1', '0' (padding slot); None = seq_lens None."""
     sym = {"0": 0, "1": 1, "lt": max(2, top_k // 2 + 1), "eq": top_k, "gt": top_k + 1, "N": N, "N-1": N - 1}
     lv = None if lens is None else tuple(sym[x] for x in lens)
     return Case(B, heads[0], heads[1], D, dtype, mode, sink_recent[0], sink_recent[1], layout, N, top_k, lv,
-                S, q_strided)
+                S, q_strided, v_layout)
 
 
 # A structured subset of the cartesian product (every value of every axis appears; GQA shapes meet
@@ -311,7 +316,32 @@ SWEEP: List[Case] = [
     _case(3, (8, 2), 64, "f32", "group", (5, 3), "contig", 160, 16, ["N", "N-1", "gt"], S=2, q_strided=True),
 ]
 
-# Bigger shapes (N ~ 2K, Llama-like heads); opt-in on CPU (--runslow / TIDAL_SLOW=1), always on CUDA.
+
+
+def _grid():
+    """Every (heads, dtype, mode) combination once, the other axes rotating (k and v caches in
+    different layouts, so a kernel mixing up their strides shows)."""
+    heads = [(4, 4), (8, 2), (9, 3), (32, 8)]
+    budgets = [(0, 0), (2, 0), (0, 3), (4, 4), (1, 1)]
+    lens_b1 = [["N"], ["lt"], ["eq"], ["gt"], ["1"]]
+    lens_b3 = [["N", "lt", "1"], ["eq", "0", "N"], ["gt", "N", "eq"], ["1", "N-1", "lt"]]
+    out, i = [], 0
+    for h in heads:
+        for dtype in ("f32", "f16", "bf16"):
+            for mode in ("head", "group"):
+                B = (1, 3)[(i + i // 6) % 2]  # both batch sizes meet both modes
+                top_k = (16, 24, 48)[i % 3]
+                N = top_k * (4 + i % 4)
+                lens = lens_b1[i % 5] if B == 1 else lens_b3[i % 4]
+                out.append(_case(B, h, (64, 128)[(i // 2) % 2], dtype, mode, budgets[i % 5], LAYOUTS[i % 3], N,
+                                 top_k, lens, S=1 + i % 6, q_strided=i % 4 == 1, v_layout=LAYOUTS[(i + 1) % 3]))
+                i += 1
+    return out
+
+
+SWEEP += _grid()
+
+# Bigger shapes (N ~ 2K, Llama-like heads), marked slow (deselect with -m "not slow").
 SLOW_SWEEP: List[Case] = [
     _case(3, (32, 8), 128, "bf16", "head", (4, 16), "bshd", 2048, 256, ["N", "N-1", "lt"], S=16),
     _case(3, (32, 8), 128, "f16", "group", (0, 0), "sliced", 2048, 512, ["N", "eq", "1"], S=8),

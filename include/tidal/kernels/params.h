@@ -5,6 +5,12 @@
 
 #include <cstdint>
 
+#ifdef __CUDACC__
+#define TIDAL_HOST_DEVICE __host__ __device__
+#else
+#define TIDAL_HOST_DEVICE
+#endif
+
 namespace tidal::kernels {
 
 // Head dims every backend supports (CUDA kernels are instantiated for exactly these).
@@ -68,6 +74,47 @@ struct CorrectParams {
   void* out = nullptr;           // contiguous [B, Hq, S, D]
   const int32_t* start = nullptr;  // [B], validated: 0 <= start, start + S <= N
   float scale = 1.0f;
+};
+
+// ---- CUDA kernels (include/tidal/kernels/cuda_attention.cuh) ----
+
+constexpr int kTileTokens = 64;  // K/V rows per shared-memory tile
+constexpr int kTileRows = 16;    // query rows per CTA: the tensor-core MMA's M
+
+// Everything the attention kernel needs; the launcher fills it. Positions are either dense
+// (0 .. limit) or gathered from an index row (indices != nullptr).
+struct AttnParams {
+  const void* q = nullptr;  // [B, Hq, S, D] (S = 1 for decode)
+  int64_t q_stride_b = 0, q_stride_h = 0, q_stride_s = 0;
+  const void* k = nullptr;
+  int64_t k_stride_b = 0, k_stride_h = 0, k_stride_n = 0;
+  const void* v = nullptr;
+  int64_t v_stride_b = 0, v_stride_h = 0, v_stride_n = 0;
+  const int32_t* seq_lens = nullptr;  // [B]; nullptr = N. Clamped to [0, N].
+  const int32_t* start = nullptr;     // [B]; set for correct_kv: row (i, h) sees positions <= start + i
+  const int32_t* indices = nullptr;   // [B, row_groups, K]; set for sparse
+  int64_t B = 0, Hq = 0, Hkv = 0, N = 0, S = 1, K = 0;
+  int64_t rows_per_group = 1;  // query heads per row group: G, or 1 for head-mode sparse
+  int64_t chunk = 0;           // positions per split, a multiple of kTileTokens
+  int splits = 1;
+  float scale = 1.f;
+  float* scores = nullptr;  // [B, Hq, scores_ld]: scale * q.k of valid positions (select only)
+  int64_t scores_ld = 0;    // row pitch of scores: N rounded up to a multiple of 4 (16-byte rows)
+  float* part_o = nullptr;  // [B, Hq * S, splits, D]
+  float* part_ml = nullptr; // [B, Hq * S, splits, 2]: running max m and sum l
+
+  TIDAL_HOST_DEVICE int64_t row_groups() const { return Hq / rows_per_group; }
+  TIDAL_HOST_DEVICE int64_t rows_per_cta_group() const { return S * rows_per_group; }
+  TIDAL_HOST_DEVICE int64_t m_tiles() const { return (rows_per_cta_group() + kTileRows - 1) / kTileRows; }
+};
+
+struct TopkParams {
+  float* scores = nullptr;      // [B, Hq, ld] raw scores; group mode overwrites each group's first row
+  int64_t ld = 0;               // row pitch, a multiple of 4
+  const float* lse = nullptr;   // [B, Hq] (group mode)
+  const int32_t* seq_lens = nullptr;
+  int32_t* indices = nullptr;   // [B, Hsel, top_k]
+  int64_t B = 0, Hq = 0, Hsel = 0, N = 0, top_k = 0, sink = 0, recent = 0;
 };
 
 }  // namespace tidal::kernels

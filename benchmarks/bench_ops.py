@@ -1,0 +1,240 @@
+"""Op-level benchmark of the tidal CUDA kernels against full-attention SDPA, on one card, one process.
+
+For every B x N (Llama-3-8B attention shapes: Hq=32, Hkv=8, D=128, bf16, all sequences full):
+  decode_attention              vs SDPA (cuDNN, flash) on the exact length
+  select_attention (k, mode)    vs SDPA, and vs a naive PyTorch select (SDPA + q.K^T + torch.topk)
+  sparse_attention (k, mode)    vs SDPA, and vs a naive PyTorch gather + attend
+plus a 32-layer attention step (layers 0,1 decode; 2 and 13 select; the rest sparse) vs 32 x SDPA,
+each captured in a CUDA graph. Times: CUDA events, warm-up, median; inputs rotate over several cache
+buffers so L2 (50-60 MB) cannot serve them. floor_ms = bytes that must be read / measured copy
+bandwidth (a device-to-device copy, counting bytes read + written).
+
+    python benchmarks/bench_ops.py --out benchmarks/results/ops_h100.json
+"""
+import argparse
+import datetime
+import json
+import os
+import statistics
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import tidal_ext
+
+HQ, HKV, D = 32, 8, 128
+DTYPE = torch.bfloat16
+
+
+def card_name():
+    name = torch.cuda.get_device_name()
+    for tag in ("H200", "H100", "A100", "L40S", "L4"):
+        if tag in name:
+            return tag.lower()
+    return name.replace(" ", "_").lower()
+
+
+def copy_tbps():
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    ms = time_ms(lambda i: y.copy_(x), 1, iters=20)
+    return 2 * x.numel() / (ms * 1e-3) / 1e12
+
+
+def time_ms(fn, n_rot, iters=30, warmup=5):
+    """Median of per-call CUDA-event times; call i uses rotation slot i % n_rot."""
+    for i in range(warmup):
+        fn(i % n_rot)
+    times = []
+    for i in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn(i % n_rot)
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def graph_ms(fn, iters=20):
+    """Median time of replaying a CUDA graph of fn() (launch gaps removed)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return time_ms(lambda i: g.replay(), 1, iters=iters, warmup=3)
+
+
+def sdpa(q, k, v, backend):
+    with sdpa_kernel([backend]):
+        return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
+
+
+def try_time(fn, n_rot):
+    try:
+        return time_ms(fn, n_rot)
+    except RuntimeError as e:  # a backend that does not take these shapes
+        print(f"  (skipped: {str(e).splitlines()[0][:100]})")
+        return None
+
+
+def naive_select(q, k, v, top_k):
+    out = sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
+    B = q.shape[0]
+    s = torch.matmul(q.view(B, HKV, HQ // HKV, D), k.transpose(-1, -2)) * D**-0.5
+    return out, s.view(B, HQ, -1).topk(top_k, dim=-1).indices
+
+
+def naive_sparse(q, k, v, idx):
+    B, H, K = idx.shape
+    b = torch.arange(B, device=q.device)[:, None, None]
+    kvh = (torch.arange(H, device=q.device) // (H // HKV))[None, :, None] if H == HQ else \
+        torch.arange(H, device=q.device)[None, :, None]
+    ks, vs = k[b, kvh, idx.long()], v[b, kvh, idx.long()]  # [B, H, K, D]
+    if H != HQ:
+        ks, vs = ks.repeat_interleave(HQ // H, 1), vs.repeat_interleave(HQ // H, 1)
+    p = torch.softmax(torch.einsum("bhd,bhkd->bhk", q.float(), ks.float()) * D**-0.5, -1)
+    return torch.einsum("bhk,bhkd->bhd", p, vs.float()).to(q.dtype)
+
+
+def unique_rows(idx):
+    """Distinct (b, kv head, position) rows an index tensor makes a kernel read."""
+    B, H, K = idx.shape
+    per_kv = idx.view(B, HKV, -1) if H == HQ else idx
+    return sum(torch.unique(per_kv[b, g]).numel() - int((per_kv[b, g] < 0).any())
+               for b in range(B) for g in range(HKV))
+
+
+def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
+    print(f"== B={B} N={N}")
+    bufs = [tuple(torch.randn(s, device="cuda", dtype=DTYPE) for s in ((B, HQ, D), (B, HKV, N, D), (B, HKV, N, D)))
+            for _ in range(n_rot)]
+    lens = torch.full((B,), N, dtype=torch.int32, device="cuda")
+    kv_bytes = 2 * B * HKV * N * D * 2
+    floor_full = kv_bytes / (bw * 1e12) * 1e3
+
+    cudnn = try_time(lambda i: sdpa(*bufs[i], SDPBackend.CUDNN_ATTENTION), n_rot)
+    flash = try_time(lambda i: sdpa(*bufs[i], SDPBackend.FLASH_ATTENTION), n_rot)
+    full_ref = cudnn if cudnn is not None else flash
+
+    def add(op, ms, top_k=None, mode=None, naive=None, floor=floor_full):
+        rows.append({"op": op, "B": B, "N": N, "top_k": top_k, "mode": mode, "ms": ms, "cudnn_ms": cudnn,
+                     "flash_ms": flash, "naive_ms": naive,
+                     "speedup_vs_cudnn": (full_ref / ms) if full_ref else None,
+                     "floor_ms": floor, "frac_of_floor": floor / ms})
+        print(f"  {op:<8} k={str(top_k):<5} {str(mode):<6} {ms:8.4f} ms  sdpa {full_ref:.4f} ms  "
+              f"x{full_ref / ms:6.2f}  floor {floor:.4f} ms ({100 * floor / ms:5.1f}%)"
+              + (f"  naive {naive:.4f} ms" if naive else ""))
+
+    add("decode", time_ms(lambda i: tidal_ext.decode_attention(*bufs[i], lens), n_rot))
+    for top_k in top_ks:
+        naive_sel = time_ms(lambda i: naive_select(*bufs[i], top_k), n_rot)
+        for mode in modes:
+            add("select", time_ms(lambda i: tidal_ext.select_attention(*bufs[i], lens, top_k, mode), n_rot),
+                top_k, mode, naive_sel)
+            idx = [tidal_ext.select_attention(*bufs[i], lens, top_k, mode)[1] for i in range(n_rot)]
+            sparse_bytes = unique_rows(idx[0]) * 2 * D * 2
+            naive_sp = time_ms(lambda i: naive_sparse(*bufs[i], idx[i]), n_rot)
+            add("sparse", time_ms(lambda i: tidal_ext.sparse_attention(*bufs[i], idx[i], lens), n_rot),
+                top_k, mode, naive_sp, floor=sparse_bytes / (bw * 1e12) * 1e3)
+
+    # 32-layer attention step; layer l uses rotation slot l % n_rot so no layer finds its cache in L2.
+    full_backend = SDPBackend.CUDNN_ATTENTION if cudnn is not None else SDPBackend.FLASH_ATTENTION
+
+    def full_step():
+        for layer in range(32):
+            sdpa(*bufs[layer % n_rot], full_backend)
+
+    full_ms = graph_ms(full_step)
+    for mode in modes:
+        config = tidal_ext.TidalConfig(top_k=2048, select_layers=(2, 13), mode=mode)
+
+        def tidal_step():
+            idx = None
+            for layer in range(32):
+                q, k, v = bufs[layer % n_rot]
+                role = config.role(layer)
+                if role == "full":
+                    tidal_ext.decode_attention(q, k, v, lens)
+                elif role == "select":
+                    idx = tidal_ext.select_attention(q, k, v, lens, config.top_k, mode)[1]
+                else:
+                    tidal_ext.sparse_attention(q, k, v, idx, lens)
+
+        ms = graph_ms(tidal_step)
+        step_rows.append({"B": B, "N": N, "top_k": 2048, "mode": mode, "ms": ms, "full_ms": full_ms,
+                          "speedup": full_ms / ms})
+        print(f"  step32   k=2048  {mode:<6} {ms:8.4f} ms  32x sdpa {full_ms:.4f} ms  x{full_ms / ms:6.2f}")
+    del bufs
+    torch.cuda.empty_cache()
+
+
+def plot(result, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(14, 5))
+    shapes = sorted({(r["B"], r["N"]) for r in result["rows"]})
+    for ax, op in zip(axes, ("select", "sparse")):
+        for mode in ("head", "group"):
+            for top_k in sorted({r["top_k"] for r in result["rows"] if r["top_k"]}):
+                ys = [next((r["speedup_vs_cudnn"] for r in result["rows"] if r["op"] == op and r["mode"] == mode
+                            and r["top_k"] == top_k and (r["B"], r["N"]) == s), None) for s in shapes]
+                ax.plot([f"{b}x{n // 1024}K" for b, n in shapes], ys, marker="o", label=f"{mode} k={top_k}")
+        ax.axhline(1.0, color="gray", lw=0.8)
+        ax.set_title(f"{op}_attention speedup vs full SDPA ({result['card']})")
+        ax.set_ylabel("SDPA time / op time")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--shapes", default="1x32768,1x131072,8x32768,4x131072")
+    p.add_argument("--top-k", default="256,2048,4096")
+    p.add_argument("--modes", default="head,group")
+    p.add_argument("--rotate", type=int, default=3, help="cache buffers rotated through")
+    p.add_argument("--out", default=None, help="JSON path (a PNG plot is written beside it)")
+    args = p.parse_args()
+
+    torch.manual_seed(0)
+    bw = copy_tbps()
+    print(f"card {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw:.2f} TB/s (read+write)")
+    rows, step_rows = [], []
+    free = torch.cuda.mem_get_info()[0]
+    for shape in args.shapes.split(","):
+        B, N = map(int, shape.split("x"))
+        need = args.rotate * 2 * B * HKV * N * D * 2
+        if need > 0.6 * free:  # e.g. 4x128K on an 80 GB card: take 2x128K, as the issue allows
+            B = max(1, B // 2)
+        bench_shape(B, N, [int(k) for k in args.top_k.split(",")], args.modes.split(","), bw, rows, step_rows,
+                    args.rotate)
+    result = {"card": card_name(), "device": torch.cuda.get_device_name(), "date": str(datetime.date.today()),
+              "torch": torch.__version__, "copy_tbps": bw, "dtype": "bfloat16", "Hq": HQ, "Hkv": HKV, "D": D,
+              "rows": rows, "step32": step_rows}
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        plot(result, os.path.splitext(args.out)[0] + ".png")
+
+    print("\nsummary (bf16, Hq=32 Hkv=8 D=128; speedup = full SDPA time / op time)")
+    print(f"{'op':<8}{'BxN':>10}{'k':>6}{'mode':>7}{'ms':>9}{'sdpa ms':>9}{'x':>7}{'%floor':>8}")
+    for r in rows:
+        print(f"{r['op']:<8}{str(r['B']) + 'x' + str(r['N'] // 1024) + 'K':>10}{str(r['top_k'] or '-'):>6}"
+              f"{str(r['mode'] or '-'):>7}{r['ms']:9.4f}{(r['cudnn_ms'] or r['flash_ms']):9.4f}"
+              f"{r['speedup_vs_cudnn']:7.2f}{100 * r['frac_of_floor']:8.1f}")
+    for r in step_rows:
+        print(f"step32  {str(r['B']) + 'x' + str(r['N'] // 1024) + 'K':>10}{2048:>6}{r['mode']:>7}{r['ms']:9.4f}"
+              f"{r['full_ms']:9.4f}{r['speedup']:7.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,192 @@
+// CUDA launchers: validate (csrc/checks.h), allocate outputs and workspaces with the caching
+// allocator, and launch the framework-free kernels (include/tidal/kernels/cuda_launch.h) on the
+// current stream. No host synchronization and no data-dependent host logic, so every op can be
+// captured in a CUDA graph. Plain C++: the CUDA specifics live in the .cu files.
+#include <c10/core/DeviceGuard.h>
+#include <c10/core/impl/VirtualGuardImpl.h>
+#include <ATen/ops/empty.h>
+
+#include "../backends.h"
+#include "../checks.h"
+#include "tidal/kernels/cuda_launch.h"
+
+namespace tidal::cuda {
+namespace {
+
+namespace kc = tidal::kernels::cuda;
+
+kc::DType cuda_dtype(const char* op, const at::Tensor& q) {
+  const auto t = q.scalar_type();
+  TIDAL_CHECK_ARG(t == at::kHalf || t == at::kBFloat16, op, "q", "dtype Half or BFloat16 on CUDA", t);
+  return t == at::kHalf ? kc::DType::Half : kc::DType::BFloat16;
+}
+
+// The kernels copy K/V rows with 16-byte cp.async: each row must start 16-byte aligned.
+void check_rows_aligned(const char* op, const char* arg, const at::Tensor& cache) {
+  const bool ok = reinterpret_cast<uintptr_t>(cache.data_ptr()) % 16 == 0 && cache.stride(0) % 8 == 0 &&
+                  cache.stride(1) % 8 == 0 && cache.stride(2) % 8 == 0;
+  TIDAL_CHECK_ARG(ok, op, arg, "16-byte aligned rows on CUDA (data pointer and strides multiples of 8 elements)",
+                  c10::str("strides ", cache.strides(), ", storage offset ", cache.storage_offset()));
+}
+
+void check_launch(const char* op, const char* err) {
+  TORCH_CHECK(err == nullptr, "tidal.", op, ": CUDA kernel launch failed: ", err);
+}
+
+void* current_stream(const at::Tensor& t) {
+  return c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(t.device()).native_handle();
+}
+
+kernels::AttnParams attn_params(const kernels::DecodeParams& d) {
+  kernels::AttnParams p;
+  p.q = d.q;
+  p.q_stride_b = d.q_stride_b;
+  p.q_stride_h = d.q_stride_h;
+  p.k = d.k;
+  p.k_stride_b = d.k_stride_b;
+  p.k_stride_h = d.k_stride_h;
+  p.k_stride_n = d.k_stride_n;
+  p.v = d.v;
+  p.v_stride_b = d.v_stride_b;
+  p.v_stride_h = d.v_stride_h;
+  p.v_stride_n = d.v_stride_n;
+  p.seq_lens = d.seq_lens;
+  p.B = d.B;
+  p.Hq = d.Hq;
+  p.Hkv = d.Hkv;
+  p.N = d.N;
+  p.rows_per_group = d.Hq / d.Hkv;
+  p.scale = d.scale;
+  return p;
+}
+
+// Plans the splits, allocates the split workspace and runs attention + merge into `out`.
+void run_attention(const char* op, kernels::AttnParams& p, kc::DType dtype, int64_t D, int64_t positions,
+                   const at::Tensor& q, at::Tensor& out, float* lse) {
+  TIDAL_CHECK_ARG(p.B <= 65535, op, "q", "batch B <= 65535 on CUDA", p.B);
+  kc::plan_splits(p, dtype, D, positions, q.get_device());
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor part_o = at::empty({p.B * p.Hq * p.S * p.splits * D}, f32);
+  at::Tensor part_ml = at::empty({p.B * p.Hq * p.S * p.splits * 2}, f32);
+  p.part_o = part_o.data_ptr<float>();
+  p.part_ml = part_ml.data_ptr<float>();
+  check_launch(op, kc::launch_attention(p, dtype, D, out.data_ptr(), lse, current_stream(q)));
+}
+
+// Shared start of decode/select/sparse: checks, device guard, params.
+struct CudaDecode {
+  DecodeLaunch launch;
+  kc::DType dtype;
+  kernels::AttnParams params;
+};
+
+CudaDecode prepare(const char* op, const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const std::optional<at::Tensor>& seq_lens, std::optional<double> scale) {
+  CudaDecode c{prepare_decode(op, q, k_cache, v_cache, seq_lens, scale), cuda_dtype(op, q), {}};
+  check_rows_aligned(op, "k_cache", k_cache);
+  check_rows_aligned(op, "v_cache", v_cache);
+  c.params = attn_params(c.launch.params);
+  return c;
+}
+
+}  // namespace
+
+at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const std::optional<at::Tensor>& seq_lens, std::optional<double> scale) {
+  constexpr const char* op = "decode_attention";
+  const c10::DeviceGuard guard(q.device());
+  CudaDecode c = prepare(op, q, k_cache, v_cache, seq_lens, scale);
+  run_attention(op, c.params, c.dtype, c.launch.params.D, c.params.N, q, c.launch.out, nullptr);
+  return c.launch.out;
+}
+
+std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const at::Tensor& k_cache,
+                                                    const at::Tensor& v_cache,
+                                                    const std::optional<at::Tensor>& seq_lens, int64_t top_k,
+                                                    c10::string_view mode, int64_t sink, int64_t recent,
+                                                    std::optional<double> scale) {
+  constexpr const char* op = "select_attention";
+  const bool group = check_select_args(op, top_k, mode, sink, recent);
+  const c10::DeviceGuard guard(q.device());
+  CudaDecode c = prepare(op, q, k_cache, v_cache, seq_lens, scale);
+  kernels::AttnParams& p = c.params;
+  const auto f32 = q.options().dtype(at::kFloat);
+  p.scores_ld = (p.N + 3) / 4 * 4;  // 16-byte rows for the top-k kernel's vector loads
+  at::Tensor scores = at::empty({p.B, p.Hq, p.scores_ld}, f32);
+  at::Tensor lse = group ? at::empty({p.B, p.Hq}, f32) : at::Tensor();
+  const int64_t hsel = group ? p.Hkv : p.Hq;
+  at::Tensor indices = at::empty({p.B, hsel, top_k}, q.options().dtype(at::kInt));
+  p.scores = scores.data_ptr<float>();
+  run_attention(op, p, c.dtype, c.launch.params.D, p.N, q, c.launch.out, group ? lse.data_ptr<float>() : nullptr);
+
+  kernels::TopkParams t;
+  t.scores = scores.data_ptr<float>();
+  t.lse = group ? lse.data_ptr<float>() : nullptr;
+  t.seq_lens = p.seq_lens;
+  t.indices = indices.data_ptr<int32_t>();
+  t.B = p.B;
+  t.Hq = p.Hq;
+  t.Hsel = hsel;
+  t.N = p.N;
+  t.ld = p.scores_ld;
+  t.top_k = top_k;
+  t.sink = sink;
+  t.recent = recent;
+  check_launch(op, kc::launch_topk(t, current_stream(q)));
+  return {c.launch.out, indices};
+}
+
+at::Tensor sparse_attention(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                            const at::Tensor& indices, const std::optional<at::Tensor>& seq_lens,
+                            std::optional<double> scale) {
+  constexpr const char* op = "sparse_attention";
+  const c10::DeviceGuard guard(q.device());
+  CudaDecode c = prepare(op, q, k_cache, v_cache, seq_lens, scale);
+  check_indices(op, indices, c.launch.params, q);
+  const at::Tensor idx = indices.contiguous();
+  kernels::AttnParams& p = c.params;
+  p.indices = idx.data_ptr<int32_t>();
+  p.K = idx.size(2);
+  p.rows_per_group = idx.size(1) == p.Hq ? 1 : p.Hq / p.Hkv;  // a row per query head or per KV head
+  run_attention(op, p, c.dtype, c.launch.params.D, p.K, q, c.launch.out, nullptr);
+  return c.launch.out;
+}
+
+at::Tensor correct_kv_attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, at::Tensor& k_cache,
+                                at::Tensor& v_cache, const at::Tensor& start, std::optional<double> scale) {
+  constexpr const char* op = "correct_kv_attention";
+  const c10::DeviceGuard guard(q.device());
+  CorrectLaunch l = prepare_correct(op, q, k, v, k_cache, v_cache, start, scale);
+  const kc::DType dtype = cuda_dtype(op, q);
+  check_rows_aligned(op, "k_cache", k_cache);
+  check_rows_aligned(op, "v_cache", v_cache);
+  const kernels::CorrectParams& w = l.params;
+  void* stream = current_stream(q);
+  check_launch(op, kc::launch_write_kv(w, dtype, stream));
+
+  kernels::AttnParams p;
+  p.q = w.q;
+  p.q_stride_b = w.q_stride_b;
+  p.q_stride_h = w.q_stride_h;
+  p.q_stride_s = w.q_stride_s;
+  p.k = w.k;
+  p.k_stride_b = w.k_stride_b;
+  p.k_stride_h = w.k_stride_h;
+  p.k_stride_n = w.k_stride_n;
+  p.v = w.v;
+  p.v_stride_b = w.v_stride_b;
+  p.v_stride_h = w.v_stride_h;
+  p.v_stride_n = w.v_stride_n;
+  p.start = w.start;
+  p.B = w.B;
+  p.Hq = w.Hq;
+  p.Hkv = w.Hkv;
+  p.N = w.N;
+  p.S = w.S;
+  p.rows_per_group = w.Hq / w.Hkv;
+  p.scale = w.scale;
+  run_attention(op, p, dtype, w.D, w.N, q, l.out, nullptr);
+  return l.out;
+}
+
+}  // namespace tidal::cuda

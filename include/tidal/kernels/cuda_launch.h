@@ -1,0 +1,29 @@
+// Host entry points of the CUDA kernels, framework-free and CUDA-header-free, so the torch-side
+// launcher (csrc/cuda/attention_cuda.cpp) is plain C++ and every .cu file compiles without torch.
+// Each launch goes on `stream` (a cudaStream_t) and returns nullptr on success or the CUDA error
+// string of the launch.
+#pragma once
+
+#include <cstdint>
+
+#include "tidal/kernels/params.h"
+
+namespace tidal::kernels::cuda {
+
+enum class DType { Half, BFloat16 };
+
+// Splits of the position space for p (everything but chunk/splits/workspace set): enough CTAs to
+// fill the device `device`. Sets p.chunk and p.splits.
+void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int device);
+
+// Attention (with p.part_o / p.part_ml allocated for p.splits) then the merge into `out`
+// (contiguous [B, Hq, S, D] of dtype); lse (optional, [B * Hq * S] fp32) receives each row's logsumexp.
+const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* out, float* lse, void* stream);
+
+// Sorted top-k index rows from the scores select's attention wrote.
+const char* launch_topk(const TopkParams& p, void* stream);
+
+// correct_kv_attention's cache write.
+const char* launch_write_kv(const CorrectParams& c, DType dtype, void* stream);
+
+}  // namespace tidal::kernels::cuda

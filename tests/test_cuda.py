@@ -1,0 +1,123 @@
+"""CUDA-only tests: long contexts and big batches against the reference, CUDA graph capture and
+replay, torch.compile over a 4-layer schedule, device-side handling of unchecked length values.
+(The CPU sweep in test_ops.py / test_opcheck.py / test_errors.py also runs on CUDA when present.)"""
+import pytest
+import torch
+
+import tidal_ext
+from _util import assert_accurate, baseline_decode, baseline_sparse, check_selection, poison_beyond, ref
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+HQ, HKV, D = 32, 8, 128
+
+
+def _inputs(B, N, lens, dtype=torch.bfloat16):
+    q = torch.randn(B, HQ, D, device="cuda", dtype=dtype)
+    k = torch.randn(B, HKV, N, D, device="cuda", dtype=dtype)
+    v = torch.randn(B, HKV, N, D, device="cuda", dtype=dtype)
+    poison_beyond(k, lens)
+    poison_beyond(v, lens)
+    return q, k, v, torch.tensor(lens, dtype=torch.int32, device="cuda")
+
+
+@pytest.mark.parametrize("B,N,lens", [
+    (1, 32768, [32768]),
+    (1, 131072, [131072]),
+    (4, 32768, [32768, 20001, 4097, 1]),
+    (16, 4096, [4096 - 37 * i for i in range(16)]),
+], ids=["1x32K", "1x128K", "4x32K-unequal", "16x4K"])
+@pytest.mark.parametrize("mode", ["head", "group"])
+def test_long_context_select_decode_sparse(B, N, lens, mode):
+    top_k, sink, recent = 2048, 4, 64
+    q, k, v, sl = _inputs(B, N, lens)
+    out, idx = tidal_ext.select_attention(q, k, v, sl, top_k, mode, sink, recent)
+    # select's output is decode's output, bit for bit (same kernels, same splits)
+    assert torch.equal(out, tidal_ext.decode_attention(q, k, v, sl))
+
+    ref_out, ref_idx = ref.select_attention(q, k, v, sl, top_k, mode, sink, recent)
+    k0, v0 = k.nan_to_num(), v.nan_to_num()  # SDPA would spread the NaN padding (0 * NaN)
+    assert_accurate(out, ref_out, baseline_decode(q, k0, v0, lens), torch.bfloat16, f"select {mode}")
+    scores = ref.selection_scores(q, k, sl, mode)
+    check_selection(idx, ref_idx, scores, lens, top_k, sink, recent, rel_tol=1e-3, what=f"select {mode}")
+
+    sparse = tidal_ext.sparse_attention(q, k, v, idx, sl)
+    ref_sparse = ref.sparse_attention(q, k, v, idx, sl)
+    assert_accurate(sparse, ref_sparse, baseline_sparse(q, k0, v0, idx, lens), torch.bfloat16, f"sparse {mode}")
+
+
+def test_correct_kv_long_chunk():
+    """S = 512 new tokens written at unequal starts into a 8K cache, causal attention."""
+    B, N, S = 2, 8192, 512
+    q = torch.randn(B, HQ, S, D, device="cuda", dtype=torch.float16)
+    k_new = torch.randn(B, HKV, S, D, device="cuda", dtype=torch.float16)
+    v_new = torch.randn_like(k_new)
+    k_cache = torch.randn(B, HKV, N, D, device="cuda", dtype=torch.float16)
+    v_cache = torch.randn_like(k_cache)
+    start = torch.tensor([7000, 100], dtype=torch.int32, device="cuda")
+    k_ref, v_ref = k_cache.clone(), v_cache.clone()
+    out = tidal_ext.correct_kv_attention(q, k_new, v_new, k_cache, v_cache, start)
+    ref_out = ref.correct_kv_attention(q, k_new, v_new, k_ref, v_ref, start)
+    assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
+    from _util import baseline_correct
+    assert_accurate(out, ref_out, baseline_correct(q, k_ref, v_ref, start), torch.float16, "correct S=512")
+
+
+def test_cuda_graph_replay_with_new_data():
+    B, N, top_k = 2, 8192, 512
+    q, k, v, sl = _inputs(B, N, [N, N // 3])
+    for _ in range(2):  # warm up (allocator, function attributes) outside the capture
+        tidal_ext.sparse_attention(q, k, v, tidal_ext.select_attention(q, k, v, sl, top_k)[1], sl)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        dec = tidal_ext.decode_attention(q, k, v, sl)
+        sel, idx = tidal_ext.select_attention(q, k, v, sl, top_k, "group")
+        sp = tidal_ext.sparse_attention(q, k, v, idx, sl)
+    for lens in ([N // 2, 5], [N, N]):
+        q.copy_(torch.randn_like(q))
+        k.copy_(torch.randn_like(k))
+        v.copy_(torch.randn_like(v))
+        sl.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        e_dec = tidal_ext.decode_attention(q, k, v, sl)
+        e_sel, e_idx = tidal_ext.select_attention(q, k, v, sl, top_k, "group")
+        e_sp = tidal_ext.sparse_attention(q, k, v, e_idx, sl)
+        torch.cuda.synchronize()
+        assert torch.equal(dec, e_dec) and torch.equal(sel, e_sel)
+        assert torch.equal(idx, e_idx) and torch.equal(sp, e_sp)
+
+
+def test_compile_reduce_overhead_four_layer_schedule():
+    """decode, select, sparse, sparse: one torch.compile(fullgraph=True) graph with CUDA graphs."""
+    B, N, top_k = 2, 4096, 256
+
+    def step(qs, ks, vs, lens):
+        o0 = torch.ops.tidal.decode_attention(qs[0], ks[0], vs[0], lens)
+        o1, idx = torch.ops.tidal.select_attention(qs[1], ks[1], vs[1], lens, top_k, "head", 0, 16)
+        o2 = torch.ops.tidal.sparse_attention(qs[2], ks[2], vs[2], idx, lens)
+        o3 = torch.ops.tidal.sparse_attention(qs[3], ks[3], vs[3], idx, lens)
+        return torch.stack([o0, o1, o2, o3]), idx
+
+    compiled = torch.compile(step, fullgraph=True, mode="reduce-overhead")
+    for it in range(4):
+        layers = [_inputs(B, N, [N, N - 100 * it]) for _ in range(4)]
+        qs, ks, vs = ([x[i] for x in layers] for i in range(3))
+        lens = layers[0][3]
+        got, got_idx = compiled(qs, ks, vs, lens)
+        exp, exp_idx = step(qs, ks, vs, lens)
+        assert torch.equal(got_idx, exp_idx)
+        assert torch.equal(got, exp)
+
+
+def test_unchecked_lengths_are_clamped_on_device():
+    """CUDA does not read seq_lens on the host (no sync): values beyond [0, N] act as clamped."""
+    B, N = 3, 1000
+    q, k, v, _ = _inputs(B, N, [N, N, N])
+    bad = torch.tensor([N + 50, -7, 10], dtype=torch.int32, device="cuda")
+    good = torch.tensor([N, 0, 10], dtype=torch.int32, device="cuda")
+    assert torch.equal(tidal_ext.decode_attention(q, k, v, bad), tidal_ext.decode_attention(q, k, v, good))
+    out, idx = tidal_ext.select_attention(q, k, v, bad, 64)
+    out2, idx2 = tidal_ext.select_attention(q, k, v, good, 64)
+    assert torch.equal(out, out2) and torch.equal(idx, idx2)
+    assert (out[1] == 0).all() and (idx[1] == -1).all()
