@@ -5,8 +5,9 @@ For every B x N (Llama-3-8B attention shapes: Hq=32, Hkv=8, D=128, bf16, all seq
   select_attention (k, mode)    vs SDPA, and vs a naive PyTorch select (SDPA + q.K^T + torch.topk)
   sparse_attention (k, mode)    vs SDPA, and vs a naive PyTorch gather + attend
 plus a 32-layer attention step (layers 0,1 decode; 2 and 13 select; the rest sparse) vs 32 x SDPA,
-each captured in a CUDA graph. Times: CUDA events, warm-up, median; inputs rotate over several cache
-buffers so L2 (50-60 MB) cannot serve them. floor_ms = bytes that must be read / measured copy
+all timed as CUDA-graph replays (what a graph-captured decode step sees; per-call host overhead
+gone), with the eager per-call time recorded too. Times: CUDA events, warm-up, median; inputs rotate
+over several cache buffers so L2 (50-60 MB) cannot serve them. floor_ms = bytes that must be read / measured copy
 bandwidth (a device-to-device copy, counting bytes read + written).
 
     python benchmarks/bench_ops.py --out benchmarks/results/ops_h100.json
@@ -76,14 +77,6 @@ def sdpa(q, k, v, backend):
         return F.scaled_dot_product_attention(q[:, :, None], k, v, enable_gqa=True)[:, :, 0]
 
 
-def try_time(fn, n_rot):
-    try:
-        return time_ms(fn, n_rot)
-    except RuntimeError as e:  # a backend that does not take these shapes
-        print(f"  (skipped: {str(e).splitlines()[0][:100]})")
-        return None
-
-
 def naive_select(q, k, v, top_k):
     out = sdpa(q, k, v, SDPBackend.CUDNN_ATTENTION)
     B = q.shape[0]
@@ -119,30 +112,39 @@ def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
     kv_bytes = 2 * B * HKV * N * D * 2
     floor_full = kv_bytes / (bw * 1e12) * 1e3
 
-    cudnn = try_time(lambda i: sdpa(*bufs[i], SDPBackend.CUDNN_ATTENTION), n_rot)
-    flash = try_time(lambda i: sdpa(*bufs[i], SDPBackend.FLASH_ATTENTION), n_rot)
+    def timed(fn):
+        """(graph-replay ms, eager ms) per call of fn(slot); None where the backend refuses."""
+        try:
+            eager = time_ms(fn, n_rot)
+            return graph_ms(lambda: [fn(i) for i in range(n_rot)]) / n_rot, eager
+        except RuntimeError as e:  # a backend that does not take these shapes
+            print(f"  (skipped: {str(e).splitlines()[0][:100]})")
+            return None, None
+
+    cudnn, cudnn_eager = timed(lambda i: sdpa(*bufs[i], SDPBackend.CUDNN_ATTENTION))
+    flash, flash_eager = timed(lambda i: sdpa(*bufs[i], SDPBackend.FLASH_ATTENTION))
     full_ref = cudnn if cudnn is not None else flash
 
-    def add(op, ms, top_k=None, mode=None, naive=None, floor=floor_full):
+    def add(op, fn, top_k=None, mode=None, naive=None, floor=floor_full):
+        ms, eager = timed(fn)
         rows.append({"op": op, "B": B, "N": N, "top_k": top_k, "mode": mode, "ms": ms, "cudnn_ms": cudnn,
-                     "flash_ms": flash, "naive_ms": naive,
-                     "speedup_vs_cudnn": (full_ref / ms) if full_ref else None,
-                     "floor_ms": floor, "frac_of_floor": floor / ms})
+                     "flash_ms": flash, "naive_ms": naive, "speedup_vs_cudnn": full_ref / ms,
+                     "floor_ms": floor, "frac_of_floor": floor / ms, "eager_ms": eager,
+                     "cudnn_eager_ms": cudnn_eager, "flash_eager_ms": flash_eager})
         print(f"  {op:<8} k={str(top_k):<5} {str(mode):<6} {ms:8.4f} ms  sdpa {full_ref:.4f} ms  "
-              f"x{full_ref / ms:6.2f}  floor {floor:.4f} ms ({100 * floor / ms:5.1f}%)"
+              f"x{full_ref / ms:6.2f}  floor {floor:.4f} ms ({100 * floor / ms:5.1f}%)  eager {eager:.4f} ms"
               + (f"  naive {naive:.4f} ms" if naive else ""))
 
-    add("decode", time_ms(lambda i: tidal_ext.decode_attention(*bufs[i], lens), n_rot))
+    add("decode", lambda i: tidal_ext.decode_attention(*bufs[i], lens))
     for top_k in top_ks:
-        naive_sel = time_ms(lambda i: naive_select(*bufs[i], top_k), n_rot)
+        naive_sel = timed(lambda i: naive_select(*bufs[i], top_k))[0]
         for mode in modes:
-            add("select", time_ms(lambda i: tidal_ext.select_attention(*bufs[i], lens, top_k, mode), n_rot),
-                top_k, mode, naive_sel)
+            add("select", lambda i: tidal_ext.select_attention(*bufs[i], lens, top_k, mode), top_k, mode, naive_sel)
             idx = [tidal_ext.select_attention(*bufs[i], lens, top_k, mode)[1] for i in range(n_rot)]
             sparse_bytes = unique_rows(idx[0]) * 2 * D * 2
-            naive_sp = time_ms(lambda i: naive_sparse(*bufs[i], idx[i]), n_rot)
-            add("sparse", time_ms(lambda i: tidal_ext.sparse_attention(*bufs[i], idx[i], lens), n_rot),
-                top_k, mode, naive_sp, floor=sparse_bytes / (bw * 1e12) * 1e3)
+            naive_sp = timed(lambda i: naive_sparse(*bufs[i], idx[i]))[0]
+            add("sparse", lambda i: tidal_ext.sparse_attention(*bufs[i], idx[i], lens), top_k, mode, naive_sp,
+                floor=sparse_bytes / (bw * 1e12) * 1e3)
 
     # 32-layer attention step; layer l uses rotation slot l % n_rot so no layer finds its cache in L2.
     full_backend = SDPBackend.CUDNN_ATTENTION if cudnn is not None else SDPBackend.FLASH_ATTENTION
@@ -226,11 +228,13 @@ def main():
         plot(result, os.path.splitext(args.out)[0] + ".png")
 
     print("\nsummary (bf16, Hq=32 Hkv=8 D=128; speedup = full SDPA time / op time)")
-    print(f"{'op':<8}{'BxN':>10}{'k':>6}{'mode':>7}{'ms':>9}{'sdpa ms':>9}{'x':>7}{'%floor':>8}")
+    print("(graph-replay times; 'eager x' is the same ratio for plain eager calls)")
+    print(f"{'op':<8}{'BxN':>10}{'k':>6}{'mode':>7}{'ms':>9}{'sdpa ms':>9}{'x':>7}{'%floor':>8}{'eager x':>9}")
     for r in rows:
+        eager_x = (r['cudnn_eager_ms'] or r['flash_eager_ms']) / r['eager_ms']
         print(f"{r['op']:<8}{str(r['B']) + 'x' + str(r['N'] // 1024) + 'K':>10}{str(r['top_k'] or '-'):>6}"
               f"{str(r['mode'] or '-'):>7}{r['ms']:9.4f}{(r['cudnn_ms'] or r['flash_ms']):9.4f}"
-              f"{r['speedup_vs_cudnn']:7.2f}{100 * r['frac_of_floor']:8.1f}")
+              f"{r['speedup_vs_cudnn']:7.2f}{100 * r['frac_of_floor']:8.1f}{eager_x:9.2f}")
     for r in step_rows:
         print(f"step32  {str(r['B']) + 'x' + str(r['N'] // 1024) + 'K':>10}{2048:>6}{r['mode']:>7}{r['ms']:9.4f}"
               f"{r['full_ms']:9.4f}{r['speedup']:7.2f}")

@@ -8,6 +8,10 @@ OUT=${OUT:-/tmp/tidal_gpu_out}
 mkdir -p "$OUT"
 STAGES=${STAGES:-"build test sanitize bench"}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} PYTHONUNBUFFERED=1
+# The GPU image's CXX (/opt/gcc/bin/g++) is a wrapper that links libstdc++ statically; a static copy
+# inside an extension that torch's shared libstdc++ also serves crashes on the first formatted
+# number (an error message). Build with the system compiler, which links it dynamically.
+if [ -x /usr/bin/g++ ]; then export CXX=/usr/bin/g++ CC=/usr/bin/gcc CUDAHOSTCXX=/usr/bin/g++; fi
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 summary=()

@@ -46,6 +46,24 @@ def test_long_context_select_decode_sparse(B, N, lens, mode):
     assert_accurate(sparse, ref_sparse, baseline_sparse(q, k0, v0, idx, lens), torch.bfloat16, f"sparse {mode}")
 
 
+@pytest.mark.parametrize("mode", ["head", "group"])
+def test_select_ties_across_top_k_chunks(mode):
+    """Integer-valued scores: many exact ties at the cut, spread over several top-k CTAs (chunks
+    of 4096 positions); ties must go to the lowest positions, exactly as in the reference."""
+    B, N, top_k = 2, 3 * 4096 + 100, 3000
+    q = torch.randint(-1, 2, (B, HQ, D), device="cuda").to(torch.bfloat16)
+    k = torch.randint(-1, 2, (B, HKV, N, D), device="cuda").to(torch.bfloat16)
+    v = torch.randn(B, HKV, N, D, device="cuda", dtype=torch.bfloat16)
+    sl = torch.tensor([N, N - 4000], dtype=torch.int32, device="cuda")
+    _, idx = tidal_ext.select_attention(q, k, v, sl, top_k, mode, 3, 5)
+    _, ref_idx = ref.select_attention(q, k, v, sl, top_k, mode, 3, 5)
+    if mode == "head":  # group scores subtract a float logsumexp: ties there are only near-ties
+        assert torch.equal(idx.cpu(), ref_idx.cpu())
+    else:
+        check_selection(idx, ref_idx, ref.selection_scores(q, k, sl, mode), sl.tolist(), top_k, 3, 5,
+                        rel_tol=1e-5, what="group ties")
+
+
 def test_correct_kv_long_chunk():
     """S = 512 new tokens written at unequal starts into a 8K cache, causal attention."""
     B, N, S = 2, 8192, 512

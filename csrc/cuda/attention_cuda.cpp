@@ -5,6 +5,7 @@
 #include <c10/core/DeviceGuard.h>
 #include <c10/core/impl/VirtualGuardImpl.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 
 #include "../backends.h"
 #include "../checks.h"
@@ -132,6 +133,14 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   t.top_k = top_k;
   t.sink = sink;
   t.recent = recent;
+  const int64_t rows = p.B * hsel;
+  TIDAL_CHECK_ARG(rows <= 65535, op, "q", "B * Hsel <= 65535 selection rows on CUDA", rows);
+  t.chunks = std::max<int64_t>(1, (p.N + kernels::kTopkChunk - 1) / kernels::kTopkChunk);
+  const auto i32 = q.options().dtype(at::kInt);
+  at::Tensor hist = at::zeros({3 * rows * kernels::kTopkBins}, i32);
+  at::Tensor counts = at::empty({rows * t.chunks * 2}, i32);
+  t.hist = hist.data_ptr<int>();
+  t.counts = counts.data_ptr<int>();
   check_launch(op, kc::launch_topk(t, current_stream(q)));
   return {c.launch.out, indices};
 }

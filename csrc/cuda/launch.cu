@@ -60,7 +60,11 @@ const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* 
 const char* launch_topk(const TopkParams& p, void* stream) {
   const int64_t rows = p.B * p.Hsel;
   if (rows == 0) return nullptr;
-  topk_kernel<512><<<static_cast<unsigned>(rows), 512, 0, static_cast<cudaStream_t>(stream)>>>(p);
+  auto s = static_cast<cudaStream_t>(stream);
+  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(rows));
+  for (int pass = 0; pass < 3; ++pass) topk_hist_kernel<kTopkBlock><<<grid, kTopkBlock, 0, s>>>(p, pass);
+  topk_count_kernel<kTopkBlock><<<grid, kTopkBlock, 0, s>>>(p);
+  topk_write_kernel<kTopkBlock><<<grid, kTopkBlock, 0, s>>>(p);
   return last_error();
 }
 

@@ -6,13 +6,14 @@
 // tokens through shared memory with cp.async (double buffered), computes S = Q K^T and O += P V with
 // m16n8k16 tensor-core MMAs (fp32 accumulation), keeps an online softmax per warp, and writes a
 // partial result (m, l, O) per split. merge_splits_kernel combines the splits (flash-decoding), and
-// topk_kernel turns the raw scores select_attention asked for into sorted top-k index rows.
+// the topk_* kernels turn the raw scores select_attention asked for into sorted top-k index rows.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 
 #include <cstdint>
+#include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
 
 #include "tidal/kernels/params.h"
@@ -356,46 +357,94 @@ __device__ __forceinline__ uint32_t rank_key(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// One CTA per selection row. Radix select (11+11+10 bits) finds the cut key among the candidates
-// (positions between the forced sink and tail ranges), then an ordered block-wide compaction
-// writes the chosen positions ascending; at the cut key the lowest positions win. Rows are read as
-// 16-byte vectors (the scores' row pitch is a multiple of 4), several loads in flight per thread.
+// Selection row state shared by the top-k kernels: its valid length, the candidate range
+// [c0, c1) between the forced sink and tail, and the free slots to fill from it.
+struct TopkRow {
+  int64_t L, c0, c1, free_slots;
+  float* row0;  // head mode: the head's scores; group mode: the group's first row, holding keys
+  bool trivial; // every slot is decided without ranking (L <= top_k, or no free slot)
+};
+
+__device__ __forceinline__ TopkRow topk_row(const TopkParams& p, int64_t r) {
+  TopkRow t;
+  const int64_t b = r / p.Hsel, g = r % p.Hsel, G = p.Hq / p.Hsel;
+  t.L = clamp_len(p.seq_lens, b, p.N);
+  const int64_t tail = p.recent > 1 ? p.recent : 1;
+  t.c0 = p.sink;
+  t.c1 = t.L - tail;
+  t.free_slots = p.top_k - p.sink - tail;
+  t.row0 = p.scores + (b * p.Hq + g * G) * p.ld;
+  t.trivial = t.L <= p.top_k || t.free_slots <= 0;
+  return t;
+}
+
+// The 4 keys of positions 4v .. 4v+3 (head mode: converted from the raw scores on the fly).
+__device__ __forceinline__ void topk_keys4(const TopkParams& p, const float* row0, int64_t v, uint32_t k[4]) {
+  if (p.lse != nullptr) {
+    const uint4 x = reinterpret_cast<const uint4*>(row0)[v];
+    k[0] = x.x, k[1] = x.y, k[2] = x.z, k[3] = x.w;
+  } else {
+    const float4 x = reinterpret_cast<const float4*>(row0)[v];
+    k[0] = rank_key(x.x), k[1] = rank_key(x.y), k[2] = rank_key(x.z), k[3] = rank_key(x.w);
+  }
+}
+
+// Replays the digit choices of the first `passes` radix passes of row r from their histograms:
+// the key prefix found so far, its mask, and the rank `want` of the cut key among the keys that
+// match the prefix. Every thread of the block calls it (block-wide scans).
 template <int kBlock>
-__global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
-  constexpr int kBins = 2048, kUnroll = 4;
+__device__ void topk_resolve(const TopkParams& p, int64_t r, int64_t free_slots, int passes, uint32_t& prefix,
+                             uint32_t& mask, int64_t& want) {
   using Scan = cub::BlockScan<int, kBlock>;
   __shared__ typename Scan::TempStorage scan_tmp;
-  __shared__ int hist[kBins];
   __shared__ int sh_digit, sh_above;
-
-  const int64_t r = blockIdx.x, b = r / p.Hsel, g = r % p.Hsel;
-  const int64_t L = clamp_len(p.seq_lens, b, p.N);
-  int32_t* out = p.indices + r * p.top_k;
-  const int tid = threadIdx.x;
-  if (L <= p.top_k) {
-    for (int64_t t = tid; t < p.top_k; t += kBlock) out[t] = t < L ? static_cast<int32_t>(t) : -1;
-    return;
+  constexpr int kPer = kTopkBins / kBlock;
+  prefix = 0, mask = 0, want = free_slots;
+  const int64_t rows = p.B * p.Hsel;
+  for (int pass = 0; pass < passes; ++pass) {
+    const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+    const uint32_t digit_mask = pass == 2 ? 0x3ffu : 0x7ffu;
+    const int* hist = p.hist + (pass * rows + r) * kTopkBins;
+    int items[kPer], incl[kPer];
+    for (int k = 0; k < kPer; ++k) items[k] = hist[kTopkBins - 1 - (threadIdx.x * kPer + k)];  // top digit first
+    Scan(scan_tmp).InclusiveSum(items, incl);
+    for (int k = 0; k < kPer; ++k) {
+      const int above = incl[k] - items[k];
+      if (items[k] > 0 && above < want && incl[k] >= want) {
+        sh_digit = kTopkBins - 1 - (threadIdx.x * kPer + k);
+        sh_above = above;
+      }
+    }
+    __syncthreads();
+    want -= sh_above;
+    prefix |= static_cast<uint32_t>(sh_digit) << shift;
+    mask |= digit_mask << shift;
+    __syncthreads();
   }
-  const int64_t tail = p.recent > 1 ? p.recent : 1;
-  const int64_t c0 = p.sink, c1 = L - tail;  // candidates [c0, c1)
-  const int64_t free_slots = p.top_k - p.sink - tail;
-  for (int64_t t = tid; t < p.sink; t += kBlock) out[t] = static_cast<int32_t>(t);
-  for (int64_t t = tid; t < tail; t += kBlock) out[p.sink + free_slots + t] = static_cast<int32_t>(c1 + t);
-  if (free_slots == 0) return;
+}
 
-  const int64_t G = p.Hq / p.Hsel;
-  const bool group = p.lse != nullptr;
-  float* row0 = p.scores + (b * p.Hq + g * G) * p.ld;
-  const int64_t v0 = c0 / 4, v1 = (c1 + 3) / 4;  // 4-element vectors covering the candidates
+// Radix pass `pass` of the multi-CTA top-k: CTA (chunk, row) histograms the digit of its chunk's
+// candidate keys that match the prefix of the earlier passes into the row's global histogram.
+// Pass 0 of group mode first turns the group's scores into rank keys (max over the group's heads
+// of s_h - lse_h, NaN sticking), written over the group's first row.
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock) topk_hist_kernel(const TopkParams p, int pass) {
+  __shared__ int hist[kTopkBins];
+  const int64_t r = blockIdx.y, chunk = blockIdx.x;
+  const TopkRow row = topk_row(p, r);
+  if (row.trivial) return;
+  const int64_t t0 = chunk * kTopkChunk;
+  const int64_t lo = row.c0 > t0 ? row.c0 : t0, hi = min64(row.c1, t0 + kTopkChunk);
+  if (lo >= hi) return;
+  const int64_t v0 = lo / 4, v1 = (hi + 3) / 4;  // vectors lie inside the chunk (kTopkChunk % 4 == 0)
 
-  if (group) {
-    // Group rank: max over the group's heads of s_h - lse_h (NaN sticks), written over row 0 as
-    // keys; every vector is read (all G rows) and written by the same thread.
-    for (int64_t v = v0 + tid; v < v1; v += kBlock) {
+  if (pass == 0 && p.lse != nullptr) {
+    const int64_t b = r / p.Hsel, g = r % p.Hsel, G = p.Hq / p.Hsel;
+    for (int64_t v = v0 + threadIdx.x; v < v1; v += kBlock) {
       float best[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
       bool nan[4] = {false, false, false, false};
       for (int64_t h = 0; h < G; ++h) {
-        const float4 x = reinterpret_cast<const float4*>(row0 + h * p.ld)[v];
+        const float4 x = reinterpret_cast<const float4*>(row.row0 + h * p.ld)[v];
         const float l = p.lse[b * p.Hq + g * G + h];
         const float xs[4] = {x.x - l, x.y - l, x.z - l, x.w - l};
         for (int e = 0; e < 4; ++e) {
@@ -408,113 +457,148 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
       k.y = nan[1] ? 0xffffffffu : rank_key(best[1]);
       k.z = nan[2] ? 0xffffffffu : rank_key(best[2]);
       k.w = nan[3] ? 0xffffffffu : rank_key(best[3]);
-      reinterpret_cast<uint4*>(row0)[v] = k;
+      reinterpret_cast<uint4*>(row.row0)[v] = k;
     }
     __syncthreads();
   }
-  // The 4 keys of vector v (head mode: converted from the raw scores on the fly).
-  auto keys4 = [&](int64_t v, uint32_t k[4]) {
-    if (group) {
-      const uint4 x = reinterpret_cast<const uint4*>(row0)[v];
-      k[0] = x.x, k[1] = x.y, k[2] = x.z, k[3] = x.w;
+  uint32_t prefix, mask;
+  int64_t want;
+  topk_resolve<kBlock>(p, r, row.free_slots, pass, prefix, mask, want);
+  const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
+  const uint32_t digit_mask = pass == 2 ? 0x3ffu : 0x7ffu;
+  for (int i = threadIdx.x; i < kTopkBins; i += kBlock) hist[i] = 0;
+  __syncthreads();
+  for (int64_t v = v0 + threadIdx.x; v < v1; v += kBlock) {
+    uint32_t k[4];
+    topk_keys4(p, row.row0, v, k);
+    for (int e = 0; e < 4; ++e) {
+      const int64_t t = 4 * v + e;
+      if (t >= lo && t < hi && (k[e] & mask) == prefix) atomicAdd(&hist[(k[e] >> shift) & digit_mask], 1);
+    }
+  }
+  __syncthreads();
+  int* global = p.hist + (pass * p.B * p.Hsel + r) * kTopkBins;
+  for (int i = threadIdx.x; i < kTopkBins; i += kBlock)
+    if (hist[i] != 0) atomicAdd(&global[i], hist[i]);
+}
+
+// The cut key of row r (after the three passes) and how many keys equal to it to take.
+template <int kBlock>
+__device__ void topk_cut(const TopkParams& p, int64_t r, int64_t free_slots, uint32_t& cut, int64_t& take_eq) {
+  uint32_t mask;
+  topk_resolve<kBlock>(p, r, free_slots, 3, cut, mask, take_eq);
+}
+
+// Per chunk: candidate keys above the cut and equal to it (the write kernel's offsets).
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock) topk_count_kernel(const TopkParams p) {
+  using Reduce = cub::BlockReduce<int, kBlock>;
+  __shared__ typename Reduce::TempStorage red_tmp;
+  const int64_t r = blockIdx.y, chunk = blockIdx.x;
+  const TopkRow row = topk_row(p, r);
+  if (row.trivial) return;
+  uint32_t cut;
+  int64_t take_eq;
+  topk_cut<kBlock>(p, r, row.free_slots, cut, take_eq);
+  const int64_t t0 = chunk * kTopkChunk;
+  const int64_t lo = row.c0 > t0 ? row.c0 : t0, hi = min64(row.c1, t0 + kTopkChunk);
+  int n_gt = 0, n_eq = 0;
+  for (int64_t v = lo / 4 + threadIdx.x; lo < hi && v < (hi + 3) / 4; v += kBlock) {
+    uint32_t k[4];
+    topk_keys4(p, row.row0, v, k);
+    for (int e = 0; e < 4; ++e) {
+      const int64_t t = 4 * v + e;
+      if (t < lo || t >= hi) continue;
+      n_gt += k[e] > cut;
+      n_eq += k[e] == cut;
+    }
+  }
+  const int gt = Reduce(red_tmp).Sum(n_gt);
+  __syncthreads();
+  const int eq = Reduce(red_tmp).Sum(n_eq);
+  if (threadIdx.x == 0) {
+    p.counts[(r * p.chunks + chunk) * 2] = gt;
+    p.counts[(r * p.chunks + chunk) * 2 + 1] = eq;
+  }
+}
+
+// Writes row r's index entries: the forced and padding slots (chunk 0), and each chunk's chosen
+// candidates at the offset the earlier chunks' counts give, in position order (so the row ends up
+// sorted). At the cut key, the lowest positions win.
+template <int kBlock>
+__global__ void __launch_bounds__(kBlock) topk_write_kernel(const TopkParams p) {
+  using Scan = cub::BlockScan<int, kBlock>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ int64_t sh_offset, sh_eq_before;
+  constexpr int kItems = kTopkChunk / kBlock;
+  const int64_t r = blockIdx.y, chunk = blockIdx.x;
+  const TopkRow row = topk_row(p, r);
+  int32_t* out = p.indices + r * p.top_k;
+  const int tid = threadIdx.x;
+  if (chunk == 0) {
+    if (row.L <= p.top_k) {
+      for (int64_t t = tid; t < p.top_k; t += kBlock) out[t] = t < row.L ? static_cast<int32_t>(t) : -1;
     } else {
-      const float4 x = reinterpret_cast<const float4*>(row0)[v];
-      k[0] = rank_key(x.x), k[1] = rank_key(x.y), k[2] = rank_key(x.z), k[3] = rank_key(x.w);
+      const int64_t tail = row.L - row.c1;
+      for (int64_t t = tid; t < p.sink; t += kBlock) out[t] = static_cast<int32_t>(t);
+      for (int64_t t = tid; t < tail; t += kBlock) out[p.top_k - tail + t] = static_cast<int32_t>(row.c1 + t);
     }
-  };
-  auto candidate = [&](int64_t t) { return t >= c0 && t < c1; };
-
-  uint32_t prefix = 0, mask = 0;
-  int64_t want = free_slots;  // rank (1-based, from the top) of the cut key among matching keys
-#pragma unroll
-  for (int pass = 0; pass < 3; ++pass) {
-    const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-    const uint32_t digit_mask = pass == 2 ? 0x3ffu : 0x7ffu;
-    for (int i = tid; i < kBins; i += kBlock) hist[i] = 0;
-    __syncthreads();
-    for (int64_t base = v0 + tid; base < v1; base += int64_t(kBlock) * kUnroll) {
-      uint32_t k[kUnroll][4];
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u)
-        if (base + u * kBlock < v1) keys4(base + u * kBlock, k[u]);
-#pragma unroll
-      for (int u = 0; u < kUnroll; ++u) {
-        const int64_t v = base + u * kBlock;
-        if (v >= v1) break;
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          if (candidate(4 * v + e) && (k[u][e] & mask) == prefix) atomicAdd(&hist[(k[u][e] >> shift) & digit_mask], 1);
-      }
-    }
-    __syncthreads();
-    // Counts from the top digit down: thread i holds bins kBins-1-kPer*i ... (descending).
-    constexpr int kPer = kBins / kBlock > 0 ? kBins / kBlock : 1;
-    int items[kPer], incl[kPer];
-    for (int k = 0; k < kPer; ++k) {
-      const int j = tid * kPer + k;
-      items[k] = j < kBins ? hist[kBins - 1 - j] : 0;
-    }
-    Scan(scan_tmp).InclusiveSum(items, incl);
-    for (int k = 0; k < kPer; ++k) {
-      const int above = incl[k] - items[k];
-      if (items[k] > 0 && above < want && incl[k] >= want) {
-        sh_digit = kBins - 1 - (tid * kPer + k);
-        sh_above = above;
-      }
-    }
-    __syncthreads();
-    want -= sh_above;
-    prefix |= static_cast<uint32_t>(sh_digit) << shift;
-    mask |= digit_mask << shift;
-    __syncthreads();
   }
-  const uint32_t cut = prefix;
-  const int64_t take_eq = want;  // keys equal to the cut to take, lowest positions first
-
-  // Ordered compaction: each thread owns a contiguous run of kVecs vectors per round.
-  constexpr int kVecs = 4;
-  int64_t written = p.sink, eq_seen = 0;
-  for (int64_t base = v0; base < v1; base += int64_t(kBlock) * kVecs) {
-    const int64_t vt = base + int64_t(tid) * kVecs;
-    uint32_t k[kVecs][4];
-    int n_eq = 0, n_gt = 0;
-#pragma unroll
-    for (int u = 0; u < kVecs; ++u) {
-      if (vt + u >= v1) break;
-      keys4(vt + u, k[u]);
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool c = candidate(4 * (vt + u) + e);
-        n_eq += (c && k[u][e] == cut) ? 1 : 0;
-        n_gt += (c && k[u][e] > cut) ? 1 : 0;
-      }
+  if (row.trivial) return;
+  const int64_t t0 = chunk * kTopkChunk;
+  const int64_t lo = row.c0 > t0 ? row.c0 : t0, hi = min64(row.c1, t0 + kTopkChunk);
+  if (lo >= hi) return;
+  uint32_t cut;
+  int64_t take_eq;
+  topk_cut<kBlock>(p, r, row.free_slots, cut, take_eq);
+  if (tid == 0) {
+    int64_t offset = p.sink, eq_before = 0;
+    for (int64_t c = 0; c < chunk; ++c) {
+      const int64_t gt = p.counts[(r * p.chunks + c) * 2], eq = p.counts[(r * p.chunks + c) * 2 + 1];
+      const int64_t take = min64(eq, take_eq - eq_before > 0 ? take_eq - eq_before : 0);
+      offset += gt + take;
+      eq_before += eq;
     }
-    int eq_before, eq_total;
-    Scan(scan_tmp).ExclusiveSum(n_eq, eq_before, eq_total);
-    __syncthreads();
-    // This thread's equal keys ranked eq_seen + eq_before ...: take those below take_eq.
-    const int64_t first_eq = eq_seen + eq_before;
-    int64_t eq_take = take_eq - first_eq;
-    eq_take = eq_take < 0 ? 0 : (eq_take > n_eq ? n_eq : eq_take);
-    const int n_take = n_gt + static_cast<int>(eq_take);
-    int off, total;
-    Scan(scan_tmp).ExclusiveSum(n_take, off, total);
-    __syncthreads();
-    int64_t dst = written + off, eq_left = eq_take;
+    sh_offset = offset;
+    sh_eq_before = eq_before;
+  }
+  // Each thread scans kItems consecutive positions (two vectors).
+  const int64_t first = t0 + int64_t(tid) * kItems;
+  uint32_t k[kItems];
+  int n_eq = 0, n_gt = 0;
 #pragma unroll
-    for (int u = 0; u < kVecs; ++u) {
-      if (vt + u >= v1) break;
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int64_t t = 4 * (vt + u) + e;
-        if (!candidate(t)) continue;
-        const bool take = k[u][e] > cut || (k[u][e] == cut && eq_left > 0);
-        if (k[u][e] == cut && eq_left > 0) --eq_left;
-        if (take) out[dst++] = static_cast<int32_t>(t);
-      }
+  for (int u = 0; u < kItems / 4; ++u) {
+    if (first + 4 * u < hi) {
+      topk_keys4(p, row.row0, first / 4 + u, k + 4 * u);
+    } else {  // past the candidates (and maybe past the row): not read
+      k[4 * u] = k[4 * u + 1] = k[4 * u + 2] = k[4 * u + 3] = 0;
     }
-    written += total;
-    eq_seen += eq_total;
+  }
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int64_t t = first + i;
+    const bool c = t >= lo && t < hi;
+    n_eq += (c && k[i] == cut) ? 1 : 0;
+    n_gt += (c && k[i] > cut) ? 1 : 0;
+  }
+  int eq_rank, eq_total;
+  Scan(scan_tmp).ExclusiveSum(n_eq, eq_rank, eq_total);
+  __syncthreads();
+  int64_t eq_take = take_eq - (sh_eq_before + eq_rank);
+  eq_take = eq_take < 0 ? 0 : (eq_take > n_eq ? n_eq : eq_take);
+  int off, total;
+  Scan(scan_tmp).ExclusiveSum(n_gt + static_cast<int>(eq_take), off, total);
+  int64_t dst = sh_offset + off;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    const int64_t t = first + i;
+    if (t < lo || t >= hi) continue;
+    bool take = k[i] > cut;
+    if (k[i] == cut && eq_take > 0) {
+      take = true;
+      --eq_take;
+    }
+    if (take) out[dst++] = static_cast<int32_t>(t);
   }
 }
 

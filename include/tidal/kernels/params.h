@@ -114,7 +114,14 @@ struct TopkParams {
   const float* lse = nullptr;   // [B, Hq] (group mode)
   const int32_t* seq_lens = nullptr;
   int32_t* indices = nullptr;   // [B, Hsel, top_k]
+  int* hist = nullptr;          // [3, B * Hsel, kTopkBins] radix histograms, zeroed before the passes
+  int* counts = nullptr;        // [B * Hsel, chunks, 2]: keys above / equal to the cut per chunk
   int64_t B = 0, Hq = 0, Hsel = 0, N = 0, top_k = 0, sink = 0, recent = 0;
+  int64_t chunks = 1;           // CTAs per selection row, each kTopkChunk positions
 };
+
+constexpr int kTopkBins = 2048;     // radix digits of 11, 11 and 10 bits
+constexpr int kTopkBlock = 512;     // threads of a top-k CTA
+constexpr int kTopkChunk = 4096;    // positions per top-k CTA: 8 per thread, one ordered round
 
 }  // namespace tidal::kernels
