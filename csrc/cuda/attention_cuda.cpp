@@ -137,9 +137,13 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   TIDAL_CHECK_ARG(rows <= 65535, op, "q", "B * Hsel <= 65535 selection rows on CUDA", rows);
   t.chunks = std::max<int64_t>(1, (p.N + kernels::kTopkChunk - 1) / kernels::kTopkChunk);
   const auto i32 = q.options().dtype(at::kInt);
-  at::Tensor hist = at::zeros({3 * rows * kernels::kTopkBins}, i32);
+  // One zeroed buffer: the 3 passes' histograms, then the 3 passes' finished-CTA counters.
+  at::Tensor hist = at::zeros({3 * rows * (kernels::kTopkBins + 1)}, i32);
+  at::Tensor state = at::empty({rows * 3}, q.options().dtype(at::kLong));
   at::Tensor counts = at::empty({rows * t.chunks * 2}, i32);
   t.hist = hist.data_ptr<int>();
+  t.done = t.hist + 3 * rows * kernels::kTopkBins;
+  t.state = state.data_ptr<int64_t>();
   t.counts = counts.data_ptr<int>();
   check_launch(op, kc::launch_topk(t, current_stream(q)));
   return {c.launch.out, indices};

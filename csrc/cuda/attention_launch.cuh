@@ -20,8 +20,8 @@ const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, c
   const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(p.row_groups() * p.m_tiles()),
                   static_cast<unsigned>(p.B));
   attention_split_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
-  merge_splits_kernel<T, D><<<static_cast<unsigned>((rows + 3) / 4), 128, 0, stream>>>(
-      p.part_o, p.part_ml, rows, p.splits, static_cast<T*>(out), lse);
+  merge_splits_kernel<T, D><<<static_cast<unsigned>(rows), D, 0, stream>>>(p.part_o, p.part_ml, p.splits,
+                                                                           static_cast<T*>(out), lse);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -47,6 +47,7 @@ void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int d
   // One wave: a second, partial wave would cost a whole CTA's time for a few CTAs.
   int64_t splits = ctas > 0 ? target / ctas : 1;
   splits = splits < 1 ? 1 : (splits > tiles ? tiles : splits);
+  splits = splits > kMaxSplits ? kMaxSplits : splits;
   const int64_t tiles_per_split = (tiles + splits - 1) / splits;
   p.chunk = tiles_per_split * kTileTokens;
   p.splits = static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);

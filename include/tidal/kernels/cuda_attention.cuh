@@ -88,15 +88,18 @@ __device__ __forceinline__ int64_t clamp_len(const int32_t* lens, int64_t b, int
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
-// Shared memory of the attention kernel: two stages of K and V tiles (rows padded by 16 bytes so
-// the MMA operand reads hit 32 distinct banks) and the positions of each tile row (-1 = masked).
+// Shared memory of the attention kernel: kStages stages of K and V tiles (rows padded by 16 bytes
+// so the MMA operand reads hit 32 distinct banks) and the positions of each tile row (-1 = masked).
+// Three stages keep two tiles in flight per CTA while the third is computed on.
+constexpr int kStages = 3;
 template <typename T, int D>
 struct AttnSmem {
   static constexpr int kPitch = D + 8;  // elements per smem row
   static constexpr size_t kTileElems = size_t(kTileTokens) * kPitch;
-  static constexpr size_t kBytes = 2 * 2 * kTileElems * sizeof(T) + 2 * kTileTokens * sizeof(int32_t);
+  static constexpr size_t kTileBytes = kStages * 2 * kTileElems * sizeof(T);
+  static constexpr size_t kBytes = kTileBytes + kStages * kTileTokens * sizeof(int32_t);
   // The final cross-warp combine reuses the tiles: kWarps x kTileRows x D floats plus m, l.
-  static_assert(size_t(kWarps) * kTileRows * (D + 2) * sizeof(float) <= 2 * 2 * kTileElems * sizeof(T),
+  static_assert(size_t(kWarps) * kTileRows * (D + 2) * sizeof(float) <= kTileBytes,
                 "combine buffer must fit in the tile buffers");
 };
 
@@ -107,8 +110,8 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* sK = reinterpret_cast<T*>(smem_raw);
-  T* sV = sK + 2 * Smem::kTileElems;
-  int32_t* sPos = reinterpret_cast<int32_t*>(sV + 2 * Smem::kTileElems);
+  T* sV = sK + kStages * Smem::kTileElems;
+  int32_t* sPos = reinterpret_cast<int32_t*>(sV + kStages * Smem::kTileElems);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int64_t split = blockIdx.x, b = blockIdx.z;
@@ -146,23 +149,30 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride_b + kvh * p.v_stride_h;
   const int32_t* idx_row = gather ? p.indices + (b * p.row_groups() + rg) * p.K : nullptr;
 
-  // Issues the cp.async loads of tile `tile` into stage `stage`; invalid rows are zero-filled.
+  // Issues the cp.async loads of tile `tile` into stage `stage`; invalid rows are zero-filled. All
+  // positions (index loads for sparse) are fetched before the first copy so their latencies overlap.
   auto load_tile = [&](int64_t tile, int stage) {
+    constexpr int kPerThread = kTileTokens * kChunks / kThreads;
     const int64_t t0 = p0 + tile * kTileTokens;
-    for (int c = tid; c < kTileTokens * kChunks; c += kThreads) {
-      const int r = c / kChunks, ch = c % kChunks;
-      const int64_t t = t0 + r;
-      int64_t pos = -1;
+    int32_t pos[kPerThread];  // positions fit int32 (N is checked on the host)
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int64_t t = t0 + (tid + j * kThreads) / kChunks;
+      pos[j] = -1;
       if (t < p1) {
         // gathered entries must be valid positions (< L); dense ones lie below the tile's limit
         const int64_t cand = gather ? idx_row[t] : t;
-        if (cand >= 0 && cand < (gather ? L : max_limit)) pos = cand;
+        if (cand >= 0 && cand < (gather ? L : max_limit)) pos[j] = static_cast<int32_t>(cand);
       }
-      const bool ok = pos >= 0;
-      const int64_t prow = ok ? pos : 0;
+    }
+#pragma unroll
+    for (int j = 0; j < kPerThread; ++j) {
+      const int c = tid + j * kThreads, r = c / kChunks, ch = c % kChunks;
+      const bool ok = pos[j] >= 0;
+      const int64_t prow = ok ? pos[j] : 0;
       cp_async_16(sK + stage * Smem::kTileElems + r * kPitch + ch * 8, kbase + prow * p.k_stride_n + ch * 8, ok);
       cp_async_16(sV + stage * Smem::kTileElems + r * kPitch + ch * 8, vbase + prow * p.v_stride_n + ch * 8, ok);
-      if (ch == 0) sPos[stage * kTileTokens + r] = static_cast<int32_t>(pos);
+      if (ch == 0) sPos[stage * kTileTokens + r] = pos[j];
     }
   };
 
@@ -186,14 +196,18 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.f, 0.f};
 
-  if (num_tiles > 0) load_tile(0, 0);
-  cp_async_commit();
+  // Pipeline: tiles 0 .. kStages-2 in flight before the loop; each iteration waits for its tile,
+  // then refills the stage the previous iteration consumed (the barrier orders that reuse).
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    cp_async_commit();  // an empty group where there is no tile keeps the group count uniform
+  }
   for (int64_t tile = 0; tile < num_tiles; ++tile) {
-    const int stage = tile & 1;
-    if (tile + 1 < num_tiles) load_tile(tile + 1, stage ^ 1);
-    cp_async_commit();
-    cp_async_wait<1>();
+    const int stage = static_cast<int>(tile % kStages);
+    cp_async_wait<kStages - 2>();
     __syncthreads();
+    if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, static_cast<int>((tile + kStages - 1) % kStages));
+    cp_async_commit();
 
     const T* tK = sK + stage * Smem::kTileElems;
     const T* tV = sV + stage * Smem::kTileElems;
@@ -265,7 +279,6 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
         Mma<T>::mma(o[2 * j + 1], pa, vb[2], vb[3]);
       }
     }
-    __syncthreads();  // the stage is overwritten by the next iteration's prefetch
   }
   cp_async_wait<0>();
 
@@ -316,34 +329,53 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
   }
 }
 
-// Combines the splits of each row: out = sum_s e^{m_s - M} O_s / sum_s e^{m_s - M} l_s, zeros where no
-// position was valid; optionally the row's logsumexp (select's group ranking needs it). One warp a row.
-template <typename T, int D>
-__global__ void __launch_bounds__(128) merge_splits_kernel(const float* part_o, const float* part_ml, int64_t rows,
-                                                            int splits, T* out, float* lse) {
-  constexpr int kPer = D / 32;
-  const int64_t row = blockIdx.x * 4 + (threadIdx.x >> 5);
-  const int lane = threadIdx.x & 31;
-  if (row >= rows) return;
-  const float* ml = part_ml + row * splits * 2;
-  float M = kNegInf;
-  for (int s = 0; s < splits; ++s) M = fmaxf(M, ml[2 * s]);
-  float acc[kPer];
-  for (int i = 0; i < kPer; ++i) acc[i] = 0.f;
-  float Lsum = 0.f;
-  if (M != kNegInf) {
-    for (int s = 0; s < splits; ++s) {
-      const float ms = ml[2 * s];
-      if (ms == kNegInf) continue;
-      const float f = exp2f((ms - M) * kLog2e);
-      Lsum += f * ml[2 * s + 1];
-      const float* os = part_o + (row * splits + s) * D + lane * kPer;
-      for (int i = 0; i < kPer; ++i) acc[i] += f * os[i];
-    }
+// Upper bound of the splits of one row (plan_splits caps them): the merge keeps a weight per split.
+constexpr int kMaxSplits = 1024;
+
+// Sum (or max) over a block of kThreads threads; every thread gets the result.
+template <int kThreads, bool kMax>
+__device__ __forceinline__ float block_reduce(float x, float* scratch) {
+  for (int o = 16; o > 0; o >>= 1) {
+    const float y = __shfl_xor_sync(0xffffffffu, x, o);
+    x = kMax ? fmaxf(x, y) : x + y;
   }
+  if ((threadIdx.x & 31) == 0) scratch[threadIdx.x >> 5] = x;
+  __syncthreads();
+  x = scratch[0];
+  for (int w = 1; w < kThreads / 32; ++w) x = kMax ? fmaxf(x, scratch[w]) : x + scratch[w];
+  __syncthreads();
+  return x;
+}
+
+// Combines the splits of each row: out = sum_s e^{m_s - M} O_s / sum_s e^{m_s - M} l_s, zeros where no
+// position was valid; optionally the row's logsumexp (select's group ranking needs it). One CTA of D
+// threads a row: the split weights once, then each thread one output dim (independent loads).
+template <typename T, int D>
+__global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, const float* part_ml, int splits,
+                                                          T* out, float* lse) {
+  __shared__ float w[kMaxSplits];
+  __shared__ float scratch[D / 32];
+  const int64_t row = blockIdx.x;
+  const int d = threadIdx.x;
+  const float* ml = part_ml + row * splits * 2;
+  float m = kNegInf;
+  for (int s = d; s < splits; s += D) m = fmaxf(m, ml[2 * s]);
+  const float M = block_reduce<D, true>(m, scratch);
+  float l = 0.f;
+  for (int s = d; s < splits; s += D) {
+    const float ms = ml[2 * s];
+    const float f = (ms == kNegInf) ? 0.f : exp2f((ms - M) * kLog2e);  // NaN stays NaN
+    w[s] = f;
+    l += f * ml[2 * s + 1];
+  }
+  const float Lsum = block_reduce<D, false>(l, scratch);  // its barrier also publishes w
+  const float* o = part_o + row * splits * D + d;
+  float acc = 0.f;
+#pragma unroll 8
+  for (int s = 0; s < splits; ++s) acc += w[s] * o[int64_t(s) * D];
   const float inv = Lsum > 0.f ? 1.f / Lsum : (Lsum == 0.f ? 0.f : Lsum);  // NaN stays NaN
-  for (int i = 0; i < kPer; ++i) out[row * D + lane * kPer + i] = Mma<T>::from_float(acc[i] * inv);
-  if (lse != nullptr && lane == 0) lse[row] = Lsum > 0.f ? M + logf(Lsum) : (Lsum == 0.f ? kNegInf : Lsum);
+  out[row * D + d] = Mma<T>::from_float(acc * inv);
+  if (lse != nullptr && d == 0) lse[row] = Lsum > 0.f ? M + logf(Lsum) : (Lsum == 0.f ? kNegInf : Lsum);
 }
 
 // ---- top-k selection -------------------------------------------------------------------------
@@ -389,54 +421,66 @@ __device__ __forceinline__ void topk_keys4(const TopkParams& p, const float* row
   }
 }
 
-// Replays the digit choices of the first `passes` radix passes of row r from their histograms:
-// the key prefix found so far, its mask, and the rank `want` of the cut key among the keys that
-// match the prefix. Every thread of the block calls it (block-wide scans).
+// Radix-select state of row r before pass `pass`: the key prefix chosen so far, its mask, and the
+// rank `want` (1-based, from the top) of the cut key among the keys matching the prefix. Pass 0
+// starts from nothing; later passes read what the previous pass's last CTA stored.
+struct TopkState {
+  uint32_t prefix, mask;
+  int64_t want;
+};
+
+__device__ __forceinline__ TopkState topk_state(const TopkParams& p, int64_t r, int64_t free_slots, int pass) {
+  if (pass == 0) return {0u, 0u, free_slots};
+  const int64_t* st = p.state + r * 3;
+  return {static_cast<uint32_t>(st[0]), static_cast<uint32_t>(st[1]), st[2]};
+}
+
+__device__ __forceinline__ int topk_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
+__device__ __forceinline__ uint32_t topk_digit_mask(int pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
+
+// Chooses pass `pass`'s digit from the row's finished histogram and stores the next state
+// (block-wide: every thread of the block calls it).
 template <int kBlock>
-__device__ void topk_resolve(const TopkParams& p, int64_t r, int64_t free_slots, int passes, uint32_t& prefix,
-                             uint32_t& mask, int64_t& want) {
+__device__ void topk_advance(const TopkParams& p, int64_t r, int pass, TopkState st) {
   using Scan = cub::BlockScan<int, kBlock>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int sh_digit, sh_above;
   constexpr int kPer = kTopkBins / kBlock;
-  prefix = 0, mask = 0, want = free_slots;
-  const int64_t rows = p.B * p.Hsel;
-  for (int pass = 0; pass < passes; ++pass) {
-    const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-    const uint32_t digit_mask = pass == 2 ? 0x3ffu : 0x7ffu;
-    const int* hist = p.hist + (pass * rows + r) * kTopkBins;
-    int items[kPer], incl[kPer];
-    for (int k = 0; k < kPer; ++k) items[k] = hist[kTopkBins - 1 - (threadIdx.x * kPer + k)];  // top digit first
-    Scan(scan_tmp).InclusiveSum(items, incl);
-    for (int k = 0; k < kPer; ++k) {
-      const int above = incl[k] - items[k];
-      if (items[k] > 0 && above < want && incl[k] >= want) {
-        sh_digit = kTopkBins - 1 - (threadIdx.x * kPer + k);
-        sh_above = above;
-      }
+  const int* hist = p.hist + (pass * p.B * p.Hsel + r) * kTopkBins;
+  int items[kPer], incl[kPer];
+  for (int k = 0; k < kPer; ++k) items[k] = hist[kTopkBins - 1 - (threadIdx.x * kPer + k)];  // top digit first
+  Scan(scan_tmp).InclusiveSum(items, incl);
+  for (int k = 0; k < kPer; ++k) {
+    const int above = incl[k] - items[k];
+    if (items[k] > 0 && above < st.want && incl[k] >= st.want) {
+      sh_digit = kTopkBins - 1 - (threadIdx.x * kPer + k);
+      sh_above = above;
     }
-    __syncthreads();
-    want -= sh_above;
-    prefix |= static_cast<uint32_t>(sh_digit) << shift;
-    mask |= digit_mask << shift;
-    __syncthreads();
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    int64_t* out = p.state + r * 3;
+    out[0] = st.prefix | (static_cast<uint32_t>(sh_digit) << topk_shift(pass));
+    out[1] = st.mask | (topk_digit_mask(pass) << topk_shift(pass));
+    out[2] = st.want - sh_above;
   }
 }
 
 // Radix pass `pass` of the multi-CTA top-k: CTA (chunk, row) histograms the digit of its chunk's
-// candidate keys that match the prefix of the earlier passes into the row's global histogram.
+// candidate keys that match the prefix of the earlier passes into the row's global histogram; the
+// row's last CTA to finish then picks the digit and stores the state for the next kernel.
 // Pass 0 of group mode first turns the group's scores into rank keys (max over the group's heads
 // of s_h - lse_h, NaN sticking), written over the group's first row.
 template <int kBlock>
 __global__ void __launch_bounds__(kBlock) topk_hist_kernel(const TopkParams p, int pass) {
   __shared__ int hist[kTopkBins];
+  __shared__ bool last;
   const int64_t r = blockIdx.y, chunk = blockIdx.x;
   const TopkRow row = topk_row(p, r);
   if (row.trivial) return;
   const int64_t t0 = chunk * kTopkChunk;
   const int64_t lo = row.c0 > t0 ? row.c0 : t0, hi = min64(row.c1, t0 + kTopkChunk);
-  if (lo >= hi) return;
-  const int64_t v0 = lo / 4, v1 = (hi + 3) / 4;  // vectors lie inside the chunk (kTopkChunk % 4 == 0)
+  const int64_t v0 = lo / 4, v1 = lo < hi ? (hi + 3) / 4 : v0;  // vectors lie inside the chunk
 
   if (pass == 0 && p.lse != nullptr) {
     const int64_t b = r / p.Hsel, g = r % p.Hsel, G = p.Hq / p.Hsel;
@@ -459,34 +503,46 @@ __global__ void __launch_bounds__(kBlock) topk_hist_kernel(const TopkParams p, i
       k.w = nan[3] ? 0xffffffffu : rank_key(best[3]);
       reinterpret_cast<uint4*>(row.row0)[v] = k;
     }
-    __syncthreads();
   }
-  uint32_t prefix, mask;
-  int64_t want;
-  topk_resolve<kBlock>(p, r, row.free_slots, pass, prefix, mask, want);
-  const int shift = pass == 0 ? 21 : (pass == 1 ? 10 : 0);
-  const uint32_t digit_mask = pass == 2 ? 0x3ffu : 0x7ffu;
+  const TopkState st = topk_state(p, r, row.free_slots, pass);
+  const int shift = topk_shift(pass);
+  const uint32_t digit_mask = topk_digit_mask(pass);
   for (int i = threadIdx.x; i < kTopkBins; i += kBlock) hist[i] = 0;
   __syncthreads();
-  for (int64_t v = v0 + threadIdx.x; v < v1; v += kBlock) {
-    uint32_t k[4];
-    topk_keys4(p, row.row0, v, k);
-    for (int e = 0; e < 4; ++e) {
-      const int64_t t = 4 * v + e;
-      if (t >= lo && t < hi && (k[e] & mask) == prefix) atomicAdd(&hist[(k[e] >> shift) & digit_mask], 1);
+  for (int64_t base = v0 + threadIdx.x; base < v1; base += kTopkUnroll * kBlock) {
+    uint32_t k[kTopkUnroll][4];  // several vector loads in flight before the first use
+#pragma unroll
+    for (int u = 0; u < kTopkUnroll; ++u)
+      if (base + u * kBlock < v1) topk_keys4(p, row.row0, base + u * kBlock, k[u]);
+#pragma unroll
+    for (int u = 0; u < kTopkUnroll; ++u) {
+      const int64_t v = base + u * kBlock;
+      if (v >= v1) break;
+      for (int e = 0; e < 4; ++e) {
+        const int64_t t = 4 * v + e;
+        if (t >= lo && t < hi && (k[u][e] & st.mask) == st.prefix) atomicAdd(&hist[(k[u][e] >> shift) & digit_mask], 1);
+      }
     }
   }
   __syncthreads();
   int* global = p.hist + (pass * p.B * p.Hsel + r) * kTopkBins;
   for (int i = threadIdx.x; i < kTopkBins; i += kBlock)
     if (hist[i] != 0) atomicAdd(&global[i], hist[i]);
+  // Last CTA of the row (threadfence-reduction pattern): every chunk's counts are in `global`.
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&p.done[pass * p.B * p.Hsel + r], 1) == p.chunks - 1;
+  __syncthreads();
+  if (last) {
+    __threadfence();
+    topk_advance<kBlock>(p, r, pass, st);
+  }
 }
 
 // The cut key of row r (after the three passes) and how many keys equal to it to take.
-template <int kBlock>
-__device__ void topk_cut(const TopkParams& p, int64_t r, int64_t free_slots, uint32_t& cut, int64_t& take_eq) {
-  uint32_t mask;
-  topk_resolve<kBlock>(p, r, free_slots, 3, cut, mask, take_eq);
+__device__ __forceinline__ void topk_cut(const TopkParams& p, int64_t r, uint32_t& cut, int64_t& take_eq) {
+  cut = static_cast<uint32_t>(p.state[r * 3]);
+  take_eq = p.state[r * 3 + 2];
 }
 
 // Per chunk: candidate keys above the cut and equal to it (the write kernel's offsets).
@@ -499,18 +555,26 @@ __global__ void __launch_bounds__(kBlock) topk_count_kernel(const TopkParams p) 
   if (row.trivial) return;
   uint32_t cut;
   int64_t take_eq;
-  topk_cut<kBlock>(p, r, row.free_slots, cut, take_eq);
+  topk_cut(p, r, cut, take_eq);
   const int64_t t0 = chunk * kTopkChunk;
   const int64_t lo = row.c0 > t0 ? row.c0 : t0, hi = min64(row.c1, t0 + kTopkChunk);
   int n_gt = 0, n_eq = 0;
-  for (int64_t v = lo / 4 + threadIdx.x; lo < hi && v < (hi + 3) / 4; v += kBlock) {
-    uint32_t k[4];
-    topk_keys4(p, row.row0, v, k);
-    for (int e = 0; e < 4; ++e) {
-      const int64_t t = 4 * v + e;
-      if (t < lo || t >= hi) continue;
-      n_gt += k[e] > cut;
-      n_eq += k[e] == cut;
+  const int64_t v1 = lo < hi ? (hi + 3) / 4 : lo / 4;
+  for (int64_t base = lo / 4 + threadIdx.x; base < v1; base += kTopkUnroll * kBlock) {
+    uint32_t k[kTopkUnroll][4];
+#pragma unroll
+    for (int u = 0; u < kTopkUnroll; ++u)
+      if (base + u * kBlock < v1) topk_keys4(p, row.row0, base + u * kBlock, k[u]);
+#pragma unroll
+    for (int u = 0; u < kTopkUnroll; ++u) {
+      const int64_t v = base + u * kBlock;
+      if (v >= v1) break;
+      for (int e = 0; e < 4; ++e) {
+        const int64_t t = 4 * v + e;
+        if (t < lo || t >= hi) continue;
+        n_gt += k[u][e] > cut;
+        n_eq += k[u][e] == cut;
+      }
     }
   }
   const int gt = Reduce(red_tmp).Sum(n_gt);
@@ -530,7 +594,7 @@ __global__ void __launch_bounds__(kBlock) topk_write_kernel(const TopkParams p) 
   using Scan = cub::BlockScan<int, kBlock>;
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int64_t sh_offset, sh_eq_before;
-  constexpr int kItems = kTopkChunk / kBlock;
+  constexpr int kItems = 8;
   const int64_t r = blockIdx.y, chunk = blockIdx.x;
   const TopkRow row = topk_row(p, r);
   int32_t* out = p.indices + r * p.top_k;
@@ -550,7 +614,7 @@ __global__ void __launch_bounds__(kBlock) topk_write_kernel(const TopkParams p) 
   if (lo >= hi) return;
   uint32_t cut;
   int64_t take_eq;
-  topk_cut<kBlock>(p, r, row.free_slots, cut, take_eq);
+  topk_cut(p, r, cut, take_eq);
   if (tid == 0) {
     int64_t offset = p.sink, eq_before = 0;
     for (int64_t c = 0; c < chunk; ++c) {
@@ -562,43 +626,50 @@ __global__ void __launch_bounds__(kBlock) topk_write_kernel(const TopkParams p) 
     sh_offset = offset;
     sh_eq_before = eq_before;
   }
-  // Each thread scans kItems consecutive positions (two vectors).
-  const int64_t first = t0 + int64_t(tid) * kItems;
-  uint32_t k[kItems];
-  int n_eq = 0, n_gt = 0;
-#pragma unroll
-  for (int u = 0; u < kItems / 4; ++u) {
-    if (first + 4 * u < hi) {
-      topk_keys4(p, row.row0, first / 4 + u, k + 4 * u);
-    } else {  // past the candidates (and maybe past the row): not read
-      k[4 * u] = k[4 * u + 1] = k[4 * u + 2] = k[4 * u + 3] = 0;
-    }
-  }
-#pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int64_t t = first + i;
-    const bool c = t >= lo && t < hi;
-    n_eq += (c && k[i] == cut) ? 1 : 0;
-    n_gt += (c && k[i] > cut) ? 1 : 0;
-  }
-  int eq_rank, eq_total;
-  Scan(scan_tmp).ExclusiveSum(n_eq, eq_rank, eq_total);
   __syncthreads();
-  int64_t eq_take = take_eq - (sh_eq_before + eq_rank);
-  eq_take = eq_take < 0 ? 0 : (eq_take > n_eq ? n_eq : eq_take);
-  int off, total;
-  Scan(scan_tmp).ExclusiveSum(n_gt + static_cast<int>(eq_take), off, total);
-  int64_t dst = sh_offset + off;
+  // Rounds of kBlock * kItems positions; in each, a thread scans kItems consecutive positions.
+  int64_t written = sh_offset, eq_seen = sh_eq_before;
+  for (int64_t round = t0; round < hi; round += int64_t(kBlock) * kItems) {
+    const int64_t first = round + int64_t(tid) * kItems;
+    uint32_t k[kItems];
+    int n_eq = 0, n_gt = 0;
 #pragma unroll
-  for (int i = 0; i < kItems; ++i) {
-    const int64_t t = first + i;
-    if (t < lo || t >= hi) continue;
-    bool take = k[i] > cut;
-    if (k[i] == cut && eq_take > 0) {
-      take = true;
-      --eq_take;
+    for (int u = 0; u < kItems / 4; ++u) {
+      if (first + 4 * u < hi) {
+        topk_keys4(p, row.row0, first / 4 + u, k + 4 * u);
+      } else {  // past the candidates (and maybe past the row): not read
+        k[4 * u] = k[4 * u + 1] = k[4 * u + 2] = k[4 * u + 3] = 0;
+      }
     }
-    if (take) out[dst++] = static_cast<int32_t>(t);
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t t = first + i;
+      const bool c = t >= lo && t < hi;
+      n_eq += (c && k[i] == cut) ? 1 : 0;
+      n_gt += (c && k[i] > cut) ? 1 : 0;
+    }
+    int eq_rank, eq_total;
+    Scan(scan_tmp).ExclusiveSum(n_eq, eq_rank, eq_total);
+    __syncthreads();
+    int64_t eq_take = take_eq - (eq_seen + eq_rank);
+    eq_take = eq_take < 0 ? 0 : (eq_take > n_eq ? n_eq : eq_take);
+    int off, total;
+    Scan(scan_tmp).ExclusiveSum(n_gt + static_cast<int>(eq_take), off, total);
+    __syncthreads();
+    int64_t dst = written + off;
+#pragma unroll
+    for (int i = 0; i < kItems; ++i) {
+      const int64_t t = first + i;
+      if (t < lo || t >= hi) continue;
+      bool take = k[i] > cut;
+      if (k[i] == cut && eq_take > 0) {
+        take = true;
+        --eq_take;
+      }
+      if (take) out[dst++] = static_cast<int32_t>(t);
+    }
+    written += total;
+    eq_seen += eq_total;
   }
 }
 

@@ -115,6 +115,8 @@ struct TopkParams {
   const int32_t* seq_lens = nullptr;
   int32_t* indices = nullptr;   // [B, Hsel, top_k]
   int* hist = nullptr;          // [3, B * Hsel, kTopkBins] radix histograms, zeroed before the passes
+  int* done = nullptr;          // [3, B * Hsel] CTAs finished per pass and row, zeroed
+  int64_t* state = nullptr;     // [B * Hsel, 3] radix state (prefix, mask, want) after each pass
   int* counts = nullptr;        // [B * Hsel, chunks, 2]: keys above / equal to the cut per chunk
   int64_t B = 0, Hq = 0, Hsel = 0, N = 0, top_k = 0, sink = 0, recent = 0;
   int64_t chunks = 1;           // CTAs per selection row, each kTopkChunk positions
@@ -122,6 +124,8 @@ struct TopkParams {
 
 constexpr int kTopkBins = 2048;     // radix digits of 11, 11 and 10 bits
 constexpr int kTopkBlock = 512;     // threads of a top-k CTA
-constexpr int kTopkChunk = 4096;    // positions per top-k CTA: 8 per thread, one ordered round
+constexpr int kTopkChunk = 16384;   // positions per top-k CTA (fewer, longer CTAs amortize their
+                                    // fixed latency: state load, histogram flush, scans)
+constexpr int kTopkUnroll = 4;      // 16-byte loads in flight per thread in the streaming loops
 
 }  // namespace tidal::kernels
