@@ -1,6 +1,6 @@
 """Builds the `tidal` op library through CMake (the one build definition) and packages tidal_ext.
 
-    pip install --no-build-isolation -e .      # development (the library lands in tidal_ext/_C*.so)
+    pip install --no-build-isolation -e .      # development (the extension lands in tidal_ext/_C*.so)
     TIDAL_BUILD_TESTS=1 pip install ...        # also builds the GoogleTest suite in build/
 """
 import os
@@ -34,12 +34,11 @@ class CMakeBuild(build_ext):
         ]
         subprocess.check_call(configure)
         subprocess.check_call(["cmake", "--build", build_dir, "-j", str(os.cpu_count() or 2)])
-        # The op library becomes the package's extension file (tidal_ext/_C.<abi>.so), which
-        # tidal_ext/__init__.py loads with torch.ops.load_library; setuptools then places it for
-        # regular and editable installs alike.
+        # The Python extension (op objects + bindings) lands where setuptools expects it
+        # (tidal_ext/_C.<abi>.so), for regular and editable installs alike.
         dest = self.get_ext_fullpath(ext.name)
         os.makedirs(os.path.dirname(dest), exist_ok=True)
-        shutil.copy2(os.path.join(build_dir, "libtidal.so"), dest)
+        shutil.copy2(os.path.join(build_dir, os.path.basename(dest)), dest)
 
 
 setup(

@@ -5,6 +5,7 @@
 
 #include "backends.h"
 #include "tidal/config.h"
+#include "tidal/decode_context.h"
 
 namespace tidal {
 namespace {
@@ -45,6 +46,32 @@ TORCH_LIBRARY(tidal, m) {
       .def("validate_for_model", [](const c10::intrusive_ptr<tidal::TidalConfigObject>& self, int64_t num_layers) {
         self->config.validate_for_model(num_layers);
       });
+
+  // The per-generation state shared by all layers (include/tidal/decode_context.h): lengths and
+  // selection stay device tensors; the same object works from C++, Python and TorchScript.
+  using Ctx = c10::intrusive_ptr<tidal::DecodeContext>;
+  m.class_<tidal::DecodeContext>("DecodeContext")
+      .def(torch::init([](const c10::intrusive_ptr<tidal::TidalConfigObject>& config, int64_t num_layers) {
+        return c10::make_intrusive<tidal::DecodeContext>(config->config, num_layers);
+      }))
+      .def("begin_prefill", &tidal::DecodeContext::begin_prefill)
+      .def("begin_step", &tidal::DecodeContext::begin_step)
+      .def("in_prefill", &tidal::DecodeContext::in_prefill)
+      .def("step", &tidal::DecodeContext::step)
+      .def("role", [](const Ctx& self, int64_t layer) { return std::string(tidal::to_string(self->role(layer))); })
+      .def("correction_due", &tidal::DecodeContext::correction_due)
+      .def("seq_lens", &tidal::DecodeContext::seq_lens)
+      .def("positions", &tidal::DecodeContext::positions)
+      .def("correction_start", &tidal::DecodeContext::correction_start)
+      .def("indices", [](const Ctx& self) { return self->indices(); })
+      .def("has_indices", &tidal::DecodeContext::has_indices)
+      .def("set_indices", &tidal::DecodeContext::set_indices)
+      .def("num_layers", &tidal::DecodeContext::num_layers)
+      .def("top_k", [](const Ctx& self) { return self->config().top_k; })
+      .def("mode", [](const Ctx& self) { return std::string(tidal::to_string(self->config().mode)); })
+      .def("sink", [](const Ctx& self) { return self->config().sink; })
+      .def("recent", [](const Ctx& self) { return self->config().recent; })
+      .def("correction_stride", [](const Ctx& self) { return self->config().correction_stride; });
 }
 
 TORCH_LIBRARY_IMPL(tidal, CPU, m) {

@@ -1,0 +1,170 @@
+#include "tidal/attention.h"
+
+#include <cmath>
+
+#include <torch/nn/functional/linear.h>
+#include <torch/torch.h>
+
+#include "../checks.h"
+#include "tidal/ops.h"
+
+namespace tidal {
+namespace {
+
+using torch::indexing::Slice;
+
+at::Tensor rotate_half(const at::Tensor& x) {
+  const int64_t half = x.size(-1) / 2;
+  return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
+}
+
+}  // namespace
+
+TidalAttentionImpl::TidalAttentionImpl(const TidalAttentionOptions& o) : options_(o) {
+  constexpr const char* op = "TidalAttention";
+  TIDAL_CHECK_ARG(o.layer_idx >= 0, op, "layer_idx", ">= 0", o.layer_idx);
+  TIDAL_CHECK_ARG(o.num_heads >= 1 && o.num_kv_heads >= 1 && o.num_heads % o.num_kv_heads == 0, op,
+                  "num_heads/num_kv_heads", "num_heads a positive multiple of num_kv_heads",
+                  c10::str(o.num_heads, "/", o.num_kv_heads));
+  TIDAL_CHECK_ARG(kernels::is_supported_head_dim(o.head_dim), op, "head_dim", "32, 64, 96, 128 or 256", o.head_dim);
+  TIDAL_CHECK_ARG(o.hidden_size >= 0, op, "hidden_size", ">= 0 (0: no projections)", o.hidden_size);
+  if (o.hidden_size > 0) {
+    auto linear = [&](int64_t in, int64_t out) { return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)); };
+    q_proj_ = register_module("q_proj", linear(o.hidden_size, o.num_heads * o.head_dim));
+    k_proj_ = register_module("k_proj", linear(o.hidden_size, o.num_kv_heads * o.head_dim));
+    v_proj_ = register_module("v_proj", linear(o.hidden_size, o.num_kv_heads * o.head_dim));
+    o_proj_ = register_module("o_proj", linear(o.num_heads * o.head_dim, o.hidden_size));
+  }
+  if (o.rope_theta > 0) {
+    TIDAL_CHECK_ARG(o.max_positions >= 1, op, "max_positions", ">= 1 with rope_theta > 0", o.max_positions);
+    // angle(p, i) = p * theta^(-2i/D), duplicated over both halves (rotate_half convention)
+    const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
+    auto inv_freq = torch::pow(o.rope_theta, -torch::arange(0, o.head_dim, 2, f64) / double(o.head_dim));
+    auto angles = torch::outer(torch::arange(o.max_positions, f64), inv_freq);
+    angles = torch::cat({angles, angles}, -1);
+    rope_cos_ = register_buffer("rope_cos", angles.cos().to(torch::kFloat32));
+    rope_sin_ = register_buffer("rope_sin", angles.sin().to(torch::kFloat32));
+  }
+}
+
+void TidalAttentionImpl::allocate_cache(int64_t batch, int64_t capacity, const at::TensorOptions& tensor_options) {
+  const auto shape = {batch, options_.num_kv_heads, capacity, options_.head_dim};
+  set_cache(torch::zeros(shape, tensor_options), torch::zeros(shape, tensor_options));
+}
+
+void TidalAttentionImpl::set_cache(at::Tensor k_cache, at::Tensor v_cache) {
+  constexpr const char* op = "TidalAttention.set_cache";
+  for (const auto& [arg, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache}, {"v_cache", v_cache}}) {
+    TIDAL_CHECK_ARG(t.defined() && t.dim() == 4 && t.size(1) == options_.num_kv_heads && t.size(3) == options_.head_dim,
+                    op, arg, c10::str("[B, ", options_.num_kv_heads, ", N, ", options_.head_dim, "]"),
+                    t.defined() ? c10::str(t.sizes()) : "undefined");
+  }
+  TIDAL_CHECK_ARG(k_cache.sizes() == v_cache.sizes(), op, "v_cache", c10::str("shape ", k_cache.sizes()), v_cache.sizes());
+  k_cache_ = std::move(k_cache);
+  v_cache_ = std::move(v_cache);
+}
+
+at::Tensor TidalAttentionImpl::rotate(const at::Tensor& x, const at::Tensor& positions) const {
+  if (!rope_cos_.defined()) return x;
+  // positions [B, S] -> cos/sin [B, 1, S, D], gathered on the device
+  const auto pos = positions.to(torch::kLong);
+  const auto cos = rope_cos_.index_select(0, pos.flatten()).view({pos.size(0), 1, pos.size(1), -1});
+  const auto sin = rope_sin_.index_select(0, pos.flatten()).view({pos.size(0), 1, pos.size(1), -1});
+  const auto xf = x.to(torch::kFloat32);
+  return (xf * cos + rotate_half(xf) * sin).to(x.scalar_type());
+}
+
+at::Tensor TidalAttentionImpl::project_in(torch::nn::Linear proj, const at::Tensor& x, int64_t heads) {
+  // x [B, T, hidden] -> [B, heads, T, D]
+  return proj(x).view({x.size(0), x.size(1), heads, options_.head_dim}).transpose(1, 2);
+}
+
+at::Tensor TidalAttentionImpl::project_out(const at::Tensor& heads_out) {
+  // [B, Hq, T, D] -> [B, T, hidden]
+  const auto out = heads_out.transpose(1, 2).reshape({heads_out.size(0), heads_out.size(2), -1});
+  return o_proj_(out);
+}
+
+void TidalAttentionImpl::require_cache(const char* what) const {
+  TIDAL_CHECK_ARG(k_cache_.defined(), c10::str("TidalAttention.", what).c_str(), "k_cache",
+                  "allocate_cache() or set_cache() first", "no cache");
+}
+
+// Projections + rope for x [B, T, hidden] at positions start[b] + t, then the chunk attention.
+at::Tensor TidalAttentionImpl::chunk(const at::Tensor& x, const at::Tensor& start, DecodeContext& ctx) {
+  TIDAL_CHECK_ARG(q_proj_, "TidalAttention", "hidden_size", "> 0 for the hidden-state methods (else use *_qkv)", 0);
+  TIDAL_CHECK_ARG(x.dim() == 3 && x.size(2) == options_.hidden_size, "TidalAttention", "x",
+                  c10::str("[B, T, ", options_.hidden_size, "]"), x.sizes());
+  const auto pos = start.to(torch::kLong).unsqueeze(1) + torch::arange(x.size(1), start.options().dtype(torch::kLong));
+  const auto q = rotate(project_in(q_proj_, x, options_.num_heads), pos);
+  const auto k = rotate(project_in(k_proj_, x, options_.num_kv_heads), pos);
+  const auto v = project_in(v_proj_, x, options_.num_kv_heads);
+  require_cache("chunk");
+  return project_out(tidal::correct_kv_attention(q, k, v, k_cache_, v_cache_, start.to(torch::kInt), options_.scale));
+}
+
+at::Tensor TidalAttentionImpl::prefill(const at::Tensor& x, DecodeContext& ctx) {
+  return chunk(x, torch::zeros({x.size(0)}, x.options().dtype(torch::kInt)), ctx);
+}
+
+at::Tensor TidalAttentionImpl::correct(const at::Tensor& x, DecodeContext& ctx) {
+  return chunk(x, ctx.correction_start(x.size(1)), ctx);
+}
+
+at::Tensor TidalAttentionImpl::decode_step(const at::Tensor& x, DecodeContext& ctx) {
+  TIDAL_CHECK_ARG(q_proj_, "TidalAttention", "hidden_size", "> 0 for the hidden-state methods (else use *_qkv)", 0);
+  TIDAL_CHECK_ARG(x.dim() == 2 && x.size(1) == options_.hidden_size, "TidalAttention.decode_step", "x",
+                  c10::str("[B, ", options_.hidden_size, "]"), x.sizes());
+  const auto x3 = x.unsqueeze(1);
+  const auto pos = ctx.positions().unsqueeze(1);
+  const auto q = rotate(project_in(q_proj_, x3, options_.num_heads), pos).squeeze(2);
+  const auto k = rotate(project_in(k_proj_, x3, options_.num_kv_heads), pos).squeeze(2);
+  const auto v = project_in(v_proj_, x3, options_.num_kv_heads).squeeze(2);
+  return project_out(decode_qkv(q, k, v, ctx).unsqueeze(2)).squeeze(1);
+}
+
+at::Tensor TidalAttentionImpl::prefill_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           DecodeContext& ctx) {
+  require_cache("prefill_qkv");
+  const auto start = torch::zeros({q.size(0)}, q.options().dtype(torch::kInt));
+  return tidal::correct_kv_attention(q, k, v, k_cache_, v_cache_, start, options_.scale);
+}
+
+at::Tensor TidalAttentionImpl::correct_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                           DecodeContext& ctx) {
+  require_cache("correct_qkv");
+  return tidal::correct_kv_attention(q, k, v, k_cache_, v_cache_, ctx.correction_start(q.size(2)), options_.scale);
+}
+
+at::Tensor TidalAttentionImpl::decode_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                          DecodeContext& ctx) {
+  require_cache("decode_qkv");
+  TIDAL_CHECK_ARG(k.dim() == 3 && k.sizes() == v.sizes() && k.size(0) == k_cache_.size(0) &&
+                      k.size(1) == options_.num_kv_heads && k.size(2) == options_.head_dim,
+                  "TidalAttention.decode_qkv", "k/v",
+                  c10::str("[", k_cache_.size(0), ", ", options_.num_kv_heads, ", ", options_.head_dim, "]"),
+                  c10::str(k.sizes(), " / ", v.sizes()));
+  // Append the new token's K/V at each sequence's own position (device indices: no host sync).
+  const auto pos = ctx.positions().to(torch::kLong);
+  const auto rows = torch::arange(k.size(0), pos.options());
+  k_cache_.index_put_({rows, Slice(), pos}, k.to(k_cache_.scalar_type()));
+  v_cache_.index_put_({rows, Slice(), pos}, v.to(v_cache_.scalar_type()));
+
+  const auto lens = ctx.seq_lens();
+  const TidalConfig& cfg = ctx.config();
+  switch (ctx.role(options_.layer_idx)) {
+    case LayerRole::Full:
+      return tidal::decode_attention(q, k_cache_, v_cache_, lens, options_.scale);
+    case LayerRole::Select: {
+      auto [out, idx] = tidal::select_attention(q, k_cache_, v_cache_, lens, cfg.top_k, to_string(cfg.mode),
+                                                cfg.sink, cfg.recent, options_.scale);
+      ctx.set_indices(idx);
+      return out;
+    }
+    case LayerRole::Sparse:
+      return tidal::sparse_attention(q, k_cache_, v_cache_, ctx.indices(), lens, options_.scale);
+  }
+  return {};
+}
+
+}  // namespace tidal
