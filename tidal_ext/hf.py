@@ -1,0 +1,194 @@
+"""HuggingFace transformers drop-in: ``attn_implementation="tidal"``.
+
+    import tidal_ext, tidal_ext.hf
+    model = tidal_ext.hf.enable(model, tidal_ext.TidalConfig(top_k=2048, select_layers=(2, 13)))
+    out = model.generate(**inputs)
+
+Importing this module registers "tidal" in transformers' AttentionInterface (with sdpa's mask
+function, so causal and padding masks are built as for "sdpa"). No model class is imported or
+patched: the attention function gets the module (``module.layer_idx``) and the K/V cache tensors
+the model's Cache (DynamicCache or StaticCache) returned, and calls the tidal ops on them.
+
+* Prefill (more than one new token): full attention (transformers' sdpa function), then each
+  sequence's prompt K/V is moved to the front of its cache rows, so that with left padding a
+  sequence's valid tokens are always positions ``0 .. seq_len-1`` of the cache (the layout the ops
+  use). Padded positions end up past seq_len: never attended, never selected.
+* Decode (one new token): the token's position comes from ``position_ids`` (generate derives them
+  from the attention mask), so seq_len = position + 1 per sequence, on the device, no host sync.
+  The token's K/V, which the cache appended behind the padding, is copied to that position; then
+  the layer acts as its role says: full (decode_attention), select (select_attention, the indices
+  kept for the next layers) or sparse (sparse_attention).
+* KV-cache correction (``correction_stride`` S > 0): before every S-th decode step after the first,
+  the last S tokens are re-run through the model with full attention, layer by layer
+  (correct_kv_attention rewrites their K/V in the cache). A forward pre-hook on the model does it.
+
+State lives in a ``TidalState`` shared by the attention modules of one model (set by ``enable``),
+reset on every prefill: nothing global, two models in one process don't interfere. A generation
+must start with a prefill on an empty cache.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from .config import TidalConfig
+
+IMPLEMENTATION = "tidal"
+
+
+class TidalState:
+    """Per-model TidalDecode state: the schedule (roles precomputed per layer, so the attention
+    function has no host-side config calls), and per generation the left-padding offsets, the
+    current selection, each layer's cache tensors and the decode-step history for correction."""
+
+    def __init__(self, config: TidalConfig, num_layers: int):
+        config.validate_for_model(num_layers)
+        self.config = config
+        self.num_layers = num_layers
+        self.roles: List[str] = [config.role(i) for i in range(num_layers)]
+        self.reset()
+
+    def reset(self):
+        self.pad: Optional[torch.Tensor] = None   # [B] left-padding per sequence (device)
+        self.padded = False                        # any padding in this generation
+        self.indices: Optional[torch.Tensor] = None
+        self.caches: dict = {}                     # layer_idx -> (k_cache, v_cache)
+        self.step = 0                              # decode steps begun
+        self.history: list = []                    # (input_ids, position_ids) of recent steps
+        self.correcting = False
+
+
+def _positions(position_ids: Optional[torch.Tensor], batch: int, q_len: int, device) -> torch.Tensor:
+    if position_ids is None:
+        raise RuntimeError("tidal_ext.hf: the tidal attention needs position_ids (generate() passes them)")
+    pos = position_ids.reshape(-1, position_ids.shape[-1])[:, -q_len:]
+    return pos.expand(batch, q_len).to(device=device, dtype=torch.long)
+
+
+def _compact_prompt(key: torch.Tensor, value: torch.Tensor, pad: torch.Tensor, q_len: int) -> None:
+    """Moves each sequence's prompt rows [pad_b, q_len) to [0, q_len - pad_b), in place."""
+    src = (torch.arange(q_len, device=key.device)[None, :] + pad[:, None]).clamp_(max=q_len - 1)  # [B, T]
+    for cache in (key, value):
+        idx = src[:, None, :, None].expand(cache.shape[0], cache.shape[1], q_len, cache.shape[3])
+        cache[:, :, :q_len].copy_(torch.gather(cache[:, :, :q_len], 2, idx))
+
+
+def tidal_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
+                            dropout: float = 0.0, **kwargs):
+    """The AttentionInterface function: query [B, Hq, T, D] (rotated), key/value the layer's cache
+    tensors [B, Hkv, L, D] after the cache update (or, while correcting, the chunk's own K/V)."""
+    state: Optional[TidalState] = getattr(module, "tidal_state", None)
+    if state is None:
+        raise RuntimeError(
+            f"tidal_ext.hf: attention layer {getattr(module, 'layer_idx', '?')} has no TidalDecode state; call "
+            "tidal_ext.hf.enable(model, tidal_ext.TidalConfig(...)) first")
+    layer = module.layer_idx
+    batch, _, q_len, _ = query.shape
+    pos = _positions(kwargs.get("position_ids"), batch, q_len, query.device)
+
+    if state.correcting:  # re-run of the last S tokens: rewrite their K/V with full attention
+        k_cache, v_cache = state.caches[layer]
+        out = torch.ops.tidal.correct_kv_attention(query, key.to(k_cache.dtype), value.to(v_cache.dtype), k_cache,
+                                                   v_cache, pos[:, 0].to(torch.int32), scaling)
+        return out.transpose(1, 2), None
+
+    if q_len > 1:  # prefill: full causal attention exactly as sdpa, then the compact layout
+        out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                        **kwargs)
+        if layer == 0 or state.pad is None:
+            state.reset()
+            state.pad = (q_len - 1) - pos[:, -1]  # the last prompt token is real (left padding)
+            state.padded = attention_mask is not None
+        if state.padded:
+            _compact_prompt(key, value, state.pad, q_len)
+        state.caches[layer] = (key, value)
+        return out, None
+
+    # decode: one token per sequence at its own position
+    p = pos[:, 0]
+    seq_lens = (p + 1).to(torch.int32)
+    if state.padded:  # the cache appended the token behind the padding: move it to its position
+        rows = torch.arange(batch, device=key.device)
+        src = state.pad + p
+        key[rows, :, p] = key[rows, :, src]
+        value[rows, :, p] = value[rows, :, src]
+    state.caches[layer] = (key, value)
+    q = query[:, :, 0]
+    role = state.roles[layer]
+    if role == "full":
+        out = torch.ops.tidal.decode_attention(q, key, value, seq_lens, scaling)
+    elif role == "select":
+        cfg = state.config
+        out, state.indices = torch.ops.tidal.select_attention(q, key, value, seq_lens, cfg.top_k, cfg.mode, cfg.sink,
+                                                              cfg.recent, scaling)
+    else:
+        out = torch.ops.tidal.sparse_attention(q, key, value, state.indices, seq_lens, scaling)
+    return out[:, None], None
+
+
+def _attention_modules(model: torch.nn.Module):
+    """The modules that call the attention interface: they carry layer_idx and scaling."""
+    return [m for m in model.modules() if isinstance(getattr(m, "layer_idx", None), int) and hasattr(m, "scaling")]
+
+
+def _correction_hook(state: TidalState):
+    """Forward pre-hook of the model: records decode-step inputs and, every correction_stride steps,
+    re-runs the last ones through the base model with full attention (correct_kv_attention)."""
+    stride = state.config.correction_stride
+
+    def hook(model, args, kwargs):
+        if state.correcting:
+            return None
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is None or ids.shape[1] > 1:  # prefill (or embeddings input): nothing to correct yet
+            return None
+        if state.step > 0 and state.step % stride == 0 and len(state.history) == stride:
+            chunk_ids = torch.cat([h[0] for h in state.history], dim=1)
+            chunk_pos = torch.cat([h[1] for h in state.history], dim=1)
+            state.correcting = True
+            try:
+                with torch.no_grad():
+                    model.base_model(input_ids=chunk_ids, position_ids=chunk_pos, use_cache=False)
+            finally:
+                state.correcting = False
+        state.step += 1
+        positions = kwargs.get("position_ids")
+        if positions is None:
+            raise RuntimeError("tidal_ext.hf: KV-cache correction needs position_ids in the model call")
+        state.history = (state.history + [(ids, positions.expand(ids.shape[0], -1))])[-stride:]
+        return None
+
+    return hook
+
+
+def enable(model: torch.nn.Module, config: Optional[TidalConfig] = None) -> torch.nn.Module:
+    """Makes ``model`` decode with TidalDecode: validates ``config`` against the model's layer count,
+    attaches the shared state to every attention module, selects attn_implementation="tidal" and,
+    with correction_stride > 0, installs the correction pre-hook. Returns the model."""
+    config = config or TidalConfig()
+    num_layers = model.config.num_hidden_layers
+    layers = _attention_modules(model)
+    if len(layers) != num_layers:
+        raise ValueError(f"tidal_ext.hf.enable: found {len(layers)} attention modules with layer_idx, "
+                         f"expected num_hidden_layers = {num_layers}")
+    state = TidalState(config, num_layers)
+    for m in layers:
+        m.tidal_state = state
+    old = getattr(model, "_tidal_hook", None)
+    if old is not None:
+        old.remove()
+    model._tidal_hook = None
+    if config.correction_stride > 0:
+        model._tidal_hook = model.register_forward_pre_hook(_correction_hook(state), with_kwargs=True)
+    model.tidal_state = state
+    model.set_attn_implementation(IMPLEMENTATION)
+    return model
+
+
+AttentionInterface.register(IMPLEMENTATION, tidal_attention_forward)
+ALL_MASK_ATTENTION_FUNCTIONS.register(IMPLEMENTATION, sdpa_mask)
