@@ -19,7 +19,7 @@ from . import _fake  # noqa: E402,F401  (registers the fake kernels)
 from .config import TidalConfig  # noqa: E402
 from .ops import correct_kv_attention, decode_attention, select_attention, sparse_attention  # noqa: E402
 
-from ._C import TidalAttention  # noqa: E402
+from .module import TidalAttention  # noqa: E402
 
 
 def DecodeContext(config: TidalConfig, num_layers: int):

@@ -47,6 +47,25 @@ TidalAttentionImpl::TidalAttentionImpl(const TidalAttentionOptions& o) : options
   }
 }
 
+void TidalAttentionImpl::set_projection_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                const at::Tensor& o) {
+  TIDAL_CHECK_ARG(q_proj_, "TidalAttention.set_projection_weights", "hidden_size", "> 0 (a layer with projections)", 0);
+  const std::pair<torch::nn::Linear*, const at::Tensor*> pairs[] = {{&q_proj_, &q}, {&k_proj_, &k}, {&v_proj_, &v}, {&o_proj_, &o}};
+  for (const auto& [proj, w] : pairs) {
+    TIDAL_CHECK_ARG(w->sizes() == (*proj)->weight.sizes(), "TidalAttention.set_projection_weights", "weight",
+                    c10::str("shape ", (*proj)->weight.sizes()), w->sizes());
+    (*proj)->weight.set_data(*w);
+  }
+}
+
+void TidalAttentionImpl::set_rope_tables(const at::Tensor& cos, const at::Tensor& sin) {
+  TIDAL_CHECK_ARG(rope_cos_.defined(), "TidalAttention.set_rope_tables", "rope_theta", "> 0 (a layer with rope)", 0);
+  TIDAL_CHECK_ARG(cos.sizes() == rope_cos_.sizes() && sin.sizes() == rope_sin_.sizes(), "TidalAttention.set_rope_tables",
+                  "cos/sin", c10::str("shape ", rope_cos_.sizes()), c10::str(cos.sizes(), " / ", sin.sizes()));
+  rope_cos_.set_data(cos);
+  rope_sin_.set_data(sin);
+}
+
 void TidalAttentionImpl::allocate_cache(int64_t batch, int64_t capacity, const at::TensorOptions& tensor_options) {
   const auto shape = {batch, options_.num_kv_heads, capacity, options_.head_dim};
   set_cache(torch::zeros(shape, tensor_options), torch::zeros(shape, tensor_options));
@@ -62,6 +81,7 @@ void TidalAttentionImpl::set_cache(at::Tensor k_cache, at::Tensor v_cache) {
   TIDAL_CHECK_ARG(k_cache.sizes() == v_cache.sizes(), op, "v_cache", c10::str("shape ", k_cache.sizes()), v_cache.sizes());
   k_cache_ = std::move(k_cache);
   v_cache_ = std::move(v_cache);
+  tokens_bound_ = 0;
 }
 
 at::Tensor TidalAttentionImpl::rotate(const at::Tensor& x, const at::Tensor& positions) const {
@@ -90,31 +110,50 @@ void TidalAttentionImpl::require_cache(const char* what) const {
                   "allocate_cache() or set_cache() first", "no cache");
 }
 
+void TidalAttentionImpl::check_hidden(const char* what, const at::Tensor& x, int64_t rank) const {
+  const std::string op = c10::str("TidalAttention.", what);
+  TIDAL_CHECK_ARG(q_proj_, op.c_str(), "hidden_size", "> 0 for the hidden-state methods (else use the *_qkv ones)", 0);
+  TIDAL_CHECK_ARG(x.defined() && x.dim() == rank && x.size(-1) == options_.hidden_size, op.c_str(), "x",
+                  rank == 3 ? c10::str("[B, T, ", options_.hidden_size, "]") : c10::str("[B, ", options_.hidden_size, "]"),
+                  x.defined() ? c10::str(x.sizes()) : "undefined");
+}
+
+// The batch of the inputs, of the cache and of the context (its lengths) must agree.
+void TidalAttentionImpl::check_batch(const char* what, int64_t batch, const DecodeContext& ctx) const {
+  const std::string op = c10::str("TidalAttention.", what);
+  require_cache(what);
+  TIDAL_CHECK_ARG(batch == k_cache_.size(0), op.c_str(), "batch", c10::str(k_cache_.size(0), " (the cache's)"), batch);
+  const int64_t ctx_batch = ctx.seq_lens().size(0);
+  TIDAL_CHECK_ARG(ctx_batch == batch, op.c_str(), "ctx", c10::str("lengths for ", batch, " sequences"), ctx_batch);
+}
+
 // Projections + rope for x [B, T, hidden] at positions start[b] + t, then the chunk attention.
 at::Tensor TidalAttentionImpl::chunk(const at::Tensor& x, const at::Tensor& start, DecodeContext& ctx) {
-  TIDAL_CHECK_ARG(q_proj_, "TidalAttention", "hidden_size", "> 0 for the hidden-state methods (else use *_qkv)", 0);
-  TIDAL_CHECK_ARG(x.dim() == 3 && x.size(2) == options_.hidden_size, "TidalAttention", "x",
-                  c10::str("[B, T, ", options_.hidden_size, "]"), x.sizes());
+  torch::NoGradGuard no_grad;
   const auto pos = start.to(torch::kLong).unsqueeze(1) + torch::arange(x.size(1), start.options().dtype(torch::kLong));
   const auto q = rotate(project_in(q_proj_, x, options_.num_heads), pos);
   const auto k = rotate(project_in(k_proj_, x, options_.num_kv_heads), pos);
   const auto v = project_in(v_proj_, x, options_.num_kv_heads);
-  require_cache("chunk");
   return project_out(tidal::correct_kv_attention(q, k, v, k_cache_, v_cache_, start.to(torch::kInt), options_.scale));
 }
 
 at::Tensor TidalAttentionImpl::prefill(const at::Tensor& x, DecodeContext& ctx) {
+  check_hidden("prefill", x, 3);
+  check_batch("prefill", x.size(0), ctx);
+  tokens_bound_ = x.size(1);
   return chunk(x, torch::zeros({x.size(0)}, x.options().dtype(torch::kInt)), ctx);
 }
 
 at::Tensor TidalAttentionImpl::correct(const at::Tensor& x, DecodeContext& ctx) {
+  check_hidden("correct", x, 3);
+  check_batch("correct", x.size(0), ctx);
   return chunk(x, ctx.correction_start(x.size(1)), ctx);
 }
 
 at::Tensor TidalAttentionImpl::decode_step(const at::Tensor& x, DecodeContext& ctx) {
-  TIDAL_CHECK_ARG(q_proj_, "TidalAttention", "hidden_size", "> 0 for the hidden-state methods (else use *_qkv)", 0);
-  TIDAL_CHECK_ARG(x.dim() == 2 && x.size(1) == options_.hidden_size, "TidalAttention.decode_step", "x",
-                  c10::str("[B, ", options_.hidden_size, "]"), x.sizes());
+  torch::NoGradGuard no_grad;
+  check_hidden("decode_step", x, 2);
+  check_batch("decode_step", x.size(0), ctx);
   const auto x3 = x.unsqueeze(1);
   const auto pos = ctx.positions().unsqueeze(1);
   const auto q = rotate(project_in(q_proj_, x3, options_.num_heads), pos).squeeze(2);
@@ -125,27 +164,37 @@ at::Tensor TidalAttentionImpl::decode_step(const at::Tensor& x, DecodeContext& c
 
 at::Tensor TidalAttentionImpl::prefill_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            DecodeContext& ctx) {
-  require_cache("prefill_qkv");
+  torch::NoGradGuard no_grad;
+  check_batch("prefill_qkv", q.size(0), ctx);
+  tokens_bound_ = q.dim() == 4 ? q.size(2) : 0;
   const auto start = torch::zeros({q.size(0)}, q.options().dtype(torch::kInt));
   return tidal::correct_kv_attention(q, k, v, k_cache_, v_cache_, start, options_.scale);
 }
 
 at::Tensor TidalAttentionImpl::correct_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                            DecodeContext& ctx) {
-  require_cache("correct_qkv");
+  torch::NoGradGuard no_grad;
+  check_batch("correct_qkv", q.size(0), ctx);
   return tidal::correct_kv_attention(q, k, v, k_cache_, v_cache_, ctx.correction_start(q.size(2)), options_.scale);
 }
 
 at::Tensor TidalAttentionImpl::decode_qkv(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                           DecodeContext& ctx) {
-  require_cache("decode_qkv");
+  torch::NoGradGuard no_grad;
+  check_batch("decode_qkv", q.size(0), ctx);
+  TIDAL_CHECK_ARG(tokens_bound_ < k_cache_.size(2), "TidalAttention.decode_qkv", "k_cache",
+                  c10::str("room for another token (capacity ", k_cache_.size(2), ")"),
+                  c10::str(tokens_bound_, " tokens (prefill + decode steps) already"));
+  ++tokens_bound_;
   TIDAL_CHECK_ARG(k.dim() == 3 && k.sizes() == v.sizes() && k.size(0) == k_cache_.size(0) &&
                       k.size(1) == options_.num_kv_heads && k.size(2) == options_.head_dim,
                   "TidalAttention.decode_qkv", "k/v",
                   c10::str("[", k_cache_.size(0), ", ", options_.num_kv_heads, ", ", options_.head_dim, "]"),
                   c10::str(k.sizes(), " / ", v.sizes()));
   // Append the new token's K/V at each sequence's own position (device indices: no host sync).
-  const auto pos = ctx.positions().to(torch::kLong);
+  // Clamped on the device too: a position past the capacity (lengths the host bound can't see,
+  // e.g. a borrowed cache filled by the caller) overwrites the last row instead of writing outside.
+  const auto pos = ctx.positions().to(torch::kLong).clamp(0, k_cache_.size(2) - 1);
   const auto rows = torch::arange(k.size(0), pos.options());
   k_cache_.index_put_({rows, Slice(), pos}, k.to(k_cache_.scalar_type()));
   v_cache_.index_put_({rows, Slice(), pos}, v.to(v_cache_.scalar_type()));

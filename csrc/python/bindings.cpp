@@ -1,5 +1,5 @@
 // tidal_ext._C: the Python extension. Importing it registers the ops (this module carries the same
-// objects as libtidal.so) and exposes the C++ TidalAttention layer as a torch.nn.Module subclass.
+// objects as libtidal.so) and exposes the C++ TidalAttention layer.
 // The DecodeContext is the torch custom class (torch.classes.tidal.DecodeContext), passed in as
 // the ScriptObject Python holds.
 #include <torch/extension.h>
@@ -30,7 +30,9 @@ torch::Device as_device(const py::object& device) {
 PYBIND11_MODULE(_C, m) {
   m.doc() = "TidalDecode C++ extension: ops (torch.ops.tidal) and the TidalAttention layer";
   using Impl = tidal::TidalAttentionImpl;
-  torch::python::bind_module<Impl>(m, "TidalAttention")
+  // The C++ layer; tidal_ext.TidalAttention (tidal_ext/module.py) wraps it as a torch.nn.Module
+  // that owns the parameters and shares them with this object.
+  py::class_<Impl, std::shared_ptr<Impl>>(m, "TidalAttentionLayer")
       .def(py::init([](int64_t layer_idx, int64_t num_heads, int64_t num_kv_heads, int64_t head_dim,
                        int64_t hidden_size, double rope_theta, int64_t max_positions, std::optional<double> scale) {
              tidal::TidalAttentionOptions o;
@@ -47,18 +49,30 @@ PYBIND11_MODULE(_C, m) {
            py::arg("layer_idx"), py::arg("num_heads"), py::arg("num_kv_heads"), py::arg("head_dim"),
            py::arg("hidden_size") = 0, py::arg("rope_theta") = 0.0, py::arg("max_positions") = 0,
            py::arg("scale") = py::none())
+      .def("named_parameters",
+           [](Impl& self) {
+             std::vector<std::pair<std::string, at::Tensor>> out;
+             for (const auto& item : self.named_parameters()) out.emplace_back(item.key(), item.value());
+             return out;
+           })
+      .def("named_buffers",
+           [](Impl& self) {
+             std::vector<std::pair<std::string, at::Tensor>> out;
+             for (const auto& item : self.named_buffers()) out.emplace_back(item.key(), item.value());
+             return out;
+           })
+      .def("set_projection_weights", &Impl::set_projection_weights)
+      .def("set_rope_tables", &Impl::set_rope_tables)
       .def("allocate_cache",
            [](Impl& self, int64_t batch, int64_t capacity, py::object dtype, py::object device) {
              auto opts = torch::TensorOptions()
                              .dtype(torch::python::detail::py_object_to_dtype(dtype))
                              .device(as_device(device));
              self.allocate_cache(batch, capacity, opts);
-           },
-           py::arg("batch"), py::arg("capacity"), py::arg("dtype"), py::arg("device"))
-      .def("set_cache", &Impl::set_cache, py::arg("k_cache"), py::arg("v_cache"))
-      .def_property_readonly("k_cache", &Impl::k_cache)
-      .def_property_readonly("v_cache", &Impl::v_cache)
-      .def_property_readonly("layer_idx", [](const Impl& self) { return self.options().layer_idx; })
+           })
+      .def("set_cache", &Impl::set_cache)
+      .def("k_cache", &Impl::k_cache)
+      .def("v_cache", &Impl::v_cache)
       .def("prefill", [](Impl& self, const at::Tensor& x, const py::object& ctx) { return self.prefill(x, as_context(ctx)); })
       .def("decode_step",
            [](Impl& self, const at::Tensor& x, const py::object& ctx) { return self.decode_step(x, as_context(ctx)); })
@@ -75,5 +89,5 @@ PYBIND11_MODULE(_C, m) {
            [](Impl& self, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const py::object& ctx) {
              return self.correct_qkv(q, k, v, as_context(ctx));
            })
-      .def("rotate", &Impl::rotate, py::arg("x"), py::arg("positions"));
+      .def("rotate", &Impl::rotate);
 }

@@ -8,7 +8,8 @@
 //
 // Positions: prefill writes tokens 0..T-1 of every sequence (prompts right-padded to T; a sequence's
 // real length is the context's seq_lens), a decode step writes at ctx.positions(), a correction
-// rewrites the last S tokens. Nothing here reads a device tensor on the host.
+// rewrites the last S tokens. Nothing here reads a device tensor on the host. Inference only: the
+// methods run without autograd recording.
 #pragma once
 
 #include <torch/nn/module.h>
@@ -58,16 +59,26 @@ class TidalAttentionImpl : public torch::nn::Module {
   // The rotary embedding of x [B, H, S, D] at positions [B, S] (int) (x itself without rope).
   at::Tensor rotate(const at::Tensor& x, const at::Tensor& positions) const;
 
+  // For wrappers that own the tensors (the Python facade): make the layer use these projection
+  // weights ([out, in], as nn.Linear) and rotary tables ([max_positions, D]); shares their storage.
+  void set_projection_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o);
+  void set_rope_tables(const at::Tensor& cos, const at::Tensor& sin);
+
  private:
   at::Tensor project_in(torch::nn::Linear proj, const at::Tensor& x, int64_t heads);
   at::Tensor project_out(const at::Tensor& heads_out);
   at::Tensor chunk(const at::Tensor& x, const at::Tensor& start, DecodeContext& ctx);
   void require_cache(const char* what) const;
+  void check_hidden(const char* what, const at::Tensor& x, int64_t rank) const;
+  void check_batch(const char* what, int64_t batch, const DecodeContext& ctx) const;
 
   TidalAttentionOptions options_;
   torch::nn::Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, o_proj_{nullptr};
   at::Tensor rope_cos_, rope_sin_;  // [max_positions, D]
   at::Tensor k_cache_, v_cache_;
+  // Host-side bound on the tokens in the cache (prefill length + decode steps since): a decode step
+  // past the capacity is an error raised here, without reading the device lengths.
+  int64_t tokens_bound_ = 0;
 };
 
 TORCH_MODULE(TidalAttention);
