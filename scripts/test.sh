@@ -12,3 +12,4 @@ echo "== GoogleTest (ctest)"
 ctest --test-dir build --output-on-failure -j "$(nproc)"
 echo "== pytest"
 "$PY" -m pytest -q tests
+echo "== examples"; bash scripts/examples.sh

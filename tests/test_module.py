@@ -60,7 +60,7 @@ def test_is_an_nn_module_with_parameters_and_buffers():
     assert p["o_proj.weight"].shape == (HIDDEN, HQ * D)
     assert all(t.requires_grad for t in p.values())
     assert len(list(m.parameters())) == 4
-    assert {n for n, _ in m.named_buffers()} == {"rope_cos", "rope_sin"}
+    assert {n for n, _ in m.named_buffers()} == set()  # rope angles are computed, no tables
     assert {n for n, _ in m.named_children()} == {"q_proj", "k_proj", "v_proj", "o_proj"}
     assert m.layer_idx == 0
     # without projections or rope: no parameters, no buffers
@@ -134,9 +134,9 @@ class PyLayer:
         inv = torch.pow(THETA, -torch.arange(0, D, 2, dtype=f64) / D)
         ang = torch.outer(torch.arange(MAX_POS, dtype=f64), inv)
         ang = torch.cat([ang, ang], -1)
-        # float32 tables, converted with the module (.to(dtype) converts buffers too)
-        self.cos = ang.cos().float().to(device=device, dtype=dtype)
-        self.sin = ang.sin().float().to(device=device, dtype=dtype)
+        # float32 tables whatever the module's dtype (the layer makes its angles in float64)
+        self.cos = ang.cos().float().to(device=device)
+        self.sin = ang.sin().float().to(device=device)
         self.k_cache, self.v_cache = k_cache, v_cache
 
     def rotate(self, x, pos):  # x [B, H, S, D], pos [B, S]

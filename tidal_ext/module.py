@@ -1,8 +1,9 @@
 """tidal_ext.TidalAttention: the C++ attention layer (include/tidal/attention.h) as a torch.nn.Module.
 
-The Python module owns the parameters (q_proj/k_proj/v_proj/o_proj as nn.Linear, no bias) and the
-rotary tables (buffers rope_cos/rope_sin), so state_dict, load_state_dict, .to(), .half() behave as
-for any module; the C++ layer computes with the same storage (re-shared after every conversion).
+The Python module owns the parameters (q_proj/k_proj/v_proj/o_proj as nn.Linear, no bias), so
+state_dict, load_state_dict, .to(), .half() behave as for any module; the C++ layer computes with
+the same storage (re-shared after every conversion). The rotary angles are made per call in
+float64 from theta (no tables, nothing a dtype conversion could round).
 The KV cache lives in the C++ layer (allocate_cache / set_cache; k_cache / v_cache read it)."""
 from typing import Optional
 
@@ -26,8 +27,6 @@ class TidalAttention(torch.nn.Module):
                 with torch.no_grad():
                     linear.weight.copy_(w)  # the C++ layer's initialization
                 setattr(self, name, linear)
-        for name, buf in self._layer.named_buffers():
-            self.register_buffer(name, buf.clone())
         self._share()
 
     def _share(self):
@@ -35,12 +34,10 @@ class TidalAttention(torch.nn.Module):
         if hasattr(self, "q_proj"):
             self._layer.set_projection_weights(self.q_proj.weight, self.k_proj.weight, self.v_proj.weight,
                                                self.o_proj.weight)
-        if hasattr(self, "rope_cos"):
-            self._layer.set_rope_tables(self.rope_cos, self.rope_sin)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
-        self._share()  # conversions may replace tensors (buffers always): share the new ones
+        self._share()  # a conversion may have replaced the tensors: share the new ones
         return self
 
     def _load_from_state_dict(self, *args, **kwargs):

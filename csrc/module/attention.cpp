@@ -37,13 +37,9 @@ TidalAttentionImpl::TidalAttentionImpl(const TidalAttentionOptions& o) : options
   }
   if (o.rope_theta > 0) {
     TIDAL_CHECK_ARG(o.max_positions >= 1, op, "max_positions", ">= 1 with rope_theta > 0", o.max_positions);
-    // angle(p, i) = p * theta^(-2i/D), duplicated over both halves (rotate_half convention)
+    // angle(p, i) = p * theta^(-2i/D), made per call in float64 (exact enough at 1M positions)
     const auto f64 = torch::TensorOptions().dtype(torch::kFloat64);
-    auto inv_freq = torch::pow(o.rope_theta, -torch::arange(0, o.head_dim, 2, f64) / double(o.head_dim));
-    auto angles = torch::outer(torch::arange(o.max_positions, f64), inv_freq);
-    angles = torch::cat({angles, angles}, -1);
-    rope_cos_ = register_buffer("rope_cos", angles.cos().to(torch::kFloat32));
-    rope_sin_ = register_buffer("rope_sin", angles.sin().to(torch::kFloat32));
+    inv_freq_ = torch::pow(o.rope_theta, -torch::arange(0, o.head_dim, 2, f64) / double(o.head_dim));
   }
 }
 
@@ -58,13 +54,6 @@ void TidalAttentionImpl::set_projection_weights(const at::Tensor& q, const at::T
   }
 }
 
-void TidalAttentionImpl::set_rope_tables(const at::Tensor& cos, const at::Tensor& sin) {
-  TIDAL_CHECK_ARG(rope_cos_.defined(), "TidalAttention.set_rope_tables", "rope_theta", "> 0 (a layer with rope)", 0);
-  TIDAL_CHECK_ARG(cos.sizes() == rope_cos_.sizes() && sin.sizes() == rope_sin_.sizes(), "TidalAttention.set_rope_tables",
-                  "cos/sin", c10::str("shape ", rope_cos_.sizes()), c10::str(cos.sizes(), " / ", sin.sizes()));
-  rope_cos_.set_data(cos);
-  rope_sin_.set_data(sin);
-}
 
 void TidalAttentionImpl::allocate_cache(int64_t batch, int64_t capacity, const at::TensorOptions& tensor_options) {
   const auto shape = {batch, options_.num_kv_heads, capacity, options_.head_dim};
@@ -82,14 +71,16 @@ void TidalAttentionImpl::set_cache(at::Tensor k_cache, at::Tensor v_cache) {
   k_cache_ = std::move(k_cache);
   v_cache_ = std::move(v_cache);
   tokens_bound_ = 0;
+  if (inv_freq_.defined()) inv_freq_ = inv_freq_.to(k_cache_.device());  // here, not inside a graph capture
 }
 
 at::Tensor TidalAttentionImpl::rotate(const at::Tensor& x, const at::Tensor& positions) const {
-  if (!rope_cos_.defined()) return x;
-  // positions [B, S] -> cos/sin [B, 1, S, D], gathered on the device
-  const auto pos = positions.to(torch::kLong);
-  const auto cos = rope_cos_.index_select(0, pos.flatten()).view({pos.size(0), 1, pos.size(1), -1});
-  const auto sin = rope_sin_.index_select(0, pos.flatten()).view({pos.size(0), 1, pos.size(1), -1});
+  if (!inv_freq_.defined()) return x;
+  if (inv_freq_.device() != positions.device()) inv_freq_ = inv_freq_.to(positions.device());
+  // positions [B, S] -> angles [B, 1, S, D/2] (float64 on the device), both halves share them
+  const auto angles = (positions.to(inv_freq_.options()).unsqueeze(-1) * inv_freq_).unsqueeze(1);
+  const auto cos = at::cat({angles.cos(), angles.cos()}, -1).to(torch::kFloat32);
+  const auto sin = at::cat({angles.sin(), angles.sin()}, -1).to(torch::kFloat32);
   const auto xf = x.to(torch::kFloat32);
   return (xf * cos + rotate_half(xf) * sin).to(x.scalar_type());
 }
@@ -155,7 +146,7 @@ at::Tensor TidalAttentionImpl::decode_step(const at::Tensor& x, DecodeContext& c
   check_hidden("decode_step", x, 2);
   check_batch("decode_step", x.size(0), ctx);
   const auto x3 = x.unsqueeze(1);
-  const auto pos = ctx.positions().unsqueeze(1);
+  const auto pos = ctx.position_index().unsqueeze(1);
   const auto q = rotate(project_in(q_proj_, x3, options_.num_heads), pos).squeeze(2);
   const auto k = rotate(project_in(k_proj_, x3, options_.num_kv_heads), pos).squeeze(2);
   const auto v = project_in(v_proj_, x3, options_.num_kv_heads).squeeze(2);
@@ -194,8 +185,8 @@ at::Tensor TidalAttentionImpl::decode_qkv(const at::Tensor& q, const at::Tensor&
   // Append the new token's K/V at each sequence's own position (device indices: no host sync).
   // Clamped on the device too: a position past the capacity (lengths the host bound can't see,
   // e.g. a borrowed cache filled by the caller) overwrites the last row instead of writing outside.
-  const auto pos = ctx.positions().to(torch::kLong).clamp(0, k_cache_.size(2) - 1);
-  const auto rows = torch::arange(k.size(0), pos.options());
+  const auto pos = ctx.position_index().clamp(0, k_cache_.size(2) - 1);
+  const auto& rows = ctx.batch_index();
   k_cache_.index_put_({rows, Slice(), pos}, k.to(k_cache_.scalar_type()));
   v_cache_.index_put_({rows, Slice(), pos}, v.to(v_cache_.scalar_type()));
 

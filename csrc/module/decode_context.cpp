@@ -1,6 +1,6 @@
 #include "tidal/decode_context.h"
 
-#include <ATen/ops/add.h>
+#include <ATen/ops/arange.h>
 #include <ATen/ops/sub.h>
 
 #include "../checks.h"
@@ -18,6 +18,8 @@ void DecodeContext::begin_prefill(const at::Tensor& seq_lens) {
                   "DecodeContext.begin_prefill", "seq_lens", "an int32 tensor [B]",
                   seq_lens.defined() ? c10::str(seq_lens.scalar_type(), " ", seq_lens.sizes()) : "undefined");
   seq_lens_ = seq_lens.clone();  // owned: the caller's tensor is never advanced in place
+  position_index_ = at::sub(seq_lens_, 1).to(at::kLong);
+  batch_index_ = at::arange(seq_lens_.size(0), seq_lens_.options().dtype(at::kLong));
   indices_ = at::Tensor();
   step_ = 0;
   prefill_ = true;
@@ -25,8 +27,10 @@ void DecodeContext::begin_prefill(const at::Tensor& seq_lens) {
 
 void DecodeContext::begin_step() {
   require_lengths("begin_step");
-  seq_lens_ = at::add(seq_lens_, 1);  // a device op: the lengths never visit the host
-  indices_ = at::Tensor();            // a step's sparse layers use only that step's selection
+  seq_lens_.add_(1);  // device ops, in place: the lengths never visit the host
+  position_index_.copy_(seq_lens_);
+  position_index_.sub_(1);
+  indices_ = at::Tensor();  // a step's sparse layers use only that step's selection
   ++step_;
   prefill_ = false;
 }

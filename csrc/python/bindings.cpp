@@ -62,7 +62,6 @@ PYBIND11_MODULE(_C, m) {
              return out;
            })
       .def("set_projection_weights", &Impl::set_projection_weights)
-      .def("set_rope_tables", &Impl::set_rope_tables)
       .def("allocate_cache",
            [](Impl& self, int64_t batch, int64_t capacity, py::object dtype, py::object device) {
              auto opts = torch::TensorOptions()

@@ -27,7 +27,7 @@ struct TidalAttentionOptions {
   int64_t head_dim = 128;     // D
   int64_t hidden_size = 0;    // > 0: q/k/v/o projections from/to this width
   double rope_theta = 0.0;    // > 0: rotary embedding with this base
-  int64_t max_positions = 0;  // rotary table length (needed with rope_theta > 0)
+  int64_t max_positions = 0;  // positions the rotary embedding is defined for (needed with rope)
   std::optional<double> scale;  // softmax scale; default 1/sqrt(D)
 };
 
@@ -60,9 +60,8 @@ class TidalAttentionImpl : public torch::nn::Module {
   at::Tensor rotate(const at::Tensor& x, const at::Tensor& positions) const;
 
   // For wrappers that own the tensors (the Python facade): make the layer use these projection
-  // weights ([out, in], as nn.Linear) and rotary tables ([max_positions, D]); shares their storage.
+  // weights ([out, in], as nn.Linear); shares their storage.
   void set_projection_weights(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& o);
-  void set_rope_tables(const at::Tensor& cos, const at::Tensor& sin);
 
  private:
   at::Tensor project_in(torch::nn::Linear proj, const at::Tensor& x, int64_t heads);
@@ -74,7 +73,9 @@ class TidalAttentionImpl : public torch::nn::Module {
 
   TidalAttentionOptions options_;
   torch::nn::Linear q_proj_{nullptr}, k_proj_{nullptr}, v_proj_{nullptr}, o_proj_{nullptr};
-  at::Tensor rope_cos_, rope_sin_;  // [max_positions, D]
+  // [D/2] float64 theta^(-2i/D): angles are made per call, no [N, D] tables. Not a buffer, so a
+  // conversion of the module to bf16 can't round it; it follows the cache's device.
+  mutable at::Tensor inv_freq_;
   at::Tensor k_cache_, v_cache_;
   // Host-side bound on the tokens in the cache (prefill length + decode steps since): a decode step
   // past the capacity is an error raised here, without reading the device lengths.

@@ -37,7 +37,8 @@ class DecodeContext : public torch::CustomClassHolder {
   // Starts a generation: seq_lens int32 [B] are the prompt lengths (on the model's device).
   // Clears the selection and the step counter; until begin_step every layer is full.
   void begin_prefill(const at::Tensor& seq_lens);
-  // Starts a decode step: every sequence grows by one token, at position old length.
+  // Starts a decode step: every sequence grows by one token, at position old length. The lengths
+  // advance in place, so a CUDA graph that captured begin_step advances them on every replay.
   void begin_step();
 
   bool in_prefill() const { return prefill_; }
@@ -46,8 +47,12 @@ class DecodeContext : public torch::CustomClassHolder {
   // True on the steps after which the last correction_stride tokens are re-run with full attention.
   bool correction_due() const;
 
-  at::Tensor seq_lens() const;   // int32 [B]: valid lengths, the current token included
+  at::Tensor seq_lens() const;   // int32 [B]: valid lengths, the current token included (live)
   at::Tensor positions() const;  // int32 [B]: the current token's position (seq_lens - 1)
+  // int64 [B] copies of positions() and of 0..B-1, kept up to date by begin_step: the index
+  // tensors every layer's cache append uses, made once per step instead of once per layer.
+  const at::Tensor& position_index() const { return position_index_; }
+  const at::Tensor& batch_index() const { return batch_index_; }
   // Where a correction chunk of `chunk` tokens starts: seq_lens - chunk (int32 [B]).
   at::Tensor correction_start(int64_t chunk) const;
 
@@ -62,6 +67,7 @@ class DecodeContext : public torch::CustomClassHolder {
   TidalConfig config_;
   int64_t num_layers_;
   at::Tensor seq_lens_;
+  at::Tensor position_index_, batch_index_;
   at::Tensor indices_;
   int64_t step_ = 0;
   bool prefill_ = true;

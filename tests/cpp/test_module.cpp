@@ -246,13 +246,18 @@ TEST(DecodeContext, SeqLensAndPositionsAdvance) {
 }
 
 // A tensor returned by seq_lens() earlier is not changed by a later begin_step.
-TEST(DecodeContext, SeqLensSnapshotIsNotMutated) {
+// The lengths are the context's own copy, advanced in place (so a captured begin_step replays):
+// the caller's prompt lengths never change, seq_lens() is live.
+TEST(DecodeContext, SeqLensAdvanceInPlaceOnTheContextsCopy) {
   DecodeContext ctx(cfg(16, {1}), 4);
-  ctx.begin_prefill(ints({5, 3}));
-  const at::Tensor before = ctx.seq_lens();
+  const at::Tensor prompt = ints({5, 3});
+  ctx.begin_prefill(prompt);
+  const at::Tensor live = ctx.seq_lens();
   ctx.begin_step();
-  EXPECT_EQ(to_vec(before), (std::vector<int32_t>{5, 3}));
-  EXPECT_EQ(to_vec(ctx.seq_lens()), (std::vector<int32_t>{6, 4}));
+  EXPECT_EQ(to_vec(prompt), (std::vector<int32_t>{5, 3}));
+  EXPECT_EQ(to_vec(live), (std::vector<int32_t>{6, 4}));
+  EXPECT_EQ(live.data_ptr(), ctx.seq_lens().data_ptr());
+  EXPECT_EQ(to_vec(ctx.position_index().to(at::kInt)), (std::vector<int32_t>{5, 3}));
 }
 
 TEST(DecodeContext, NeedsBeginPrefillFirst) {
