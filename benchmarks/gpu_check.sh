@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: build with CUDA, run the GoogleTest suite and the CUDA tests, a
 # compute-sanitizer memcheck over a reduced sweep, then the op benchmark. Logs and JSON go under $OUT;
-# a short table is printed last.   STAGES="build test sanitize bench" (default: all) picks stages.
+# a short table is printed last.   STAGES="build test sanitize bench app" (default: all) picks stages
+# (app: the C++ examples built against the installed package, then the C++ decode app benchmark).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tidal_gpu_out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build test sanitize bench"}
+STAGES=${STAGES:-"build test sanitize bench app"}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} PYTHONUNBUFFERED=1
 # The GPU image's CXX (/opt/gcc/bin/g++) is a wrapper that links libstdc++ statically; a static copy
 # inside an extension that torch's shared libstdc++ also serves crashes on the first formatted
@@ -51,6 +52,13 @@ fi
 
 if has bench; then
   "$PY" benchmarks/bench_ops.py --out "$OUT/ops.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -70
+fi
+
+if has app; then
+  t0=$(stamp)
+  EXAMPLES_DEVICE=cuda bash scripts/examples.sh >"$OUT/examples.log" 2>&1; rc=$?
+  summary+=("examples (cuda): $(tail -1 "$OUT/examples.log") (rc $rc, $(( $(stamp) - t0 )) s)")
+  "$PY" benchmarks/bench_cpp_app.py --out "$OUT/cpp_app.json" ${APP_ARGS:-} 2>&1 | grep -v '^\$' | tee "$OUT/cpp_app.log" | tail -12
 fi
 
 echo
