@@ -17,6 +17,7 @@
 #include <torch/nn/pimpl.h>
 
 #include "tidal/decode_context.h"
+#include "tidal/ops.h"
 
 namespace tidal {
 
