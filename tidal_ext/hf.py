@@ -12,19 +12,23 @@ the model's Cache (DynamicCache or StaticCache) returned, and calls the tidal op
 * Prefill (more than one new token): full attention (transformers' sdpa function), then each
   sequence's prompt K/V is moved to the front of its cache rows, so that with left padding a
   sequence's valid tokens are always positions ``0 .. seq_len-1`` of the cache (the layout the ops
-  use). Padded positions end up past seq_len: never attended, never selected.
-* Decode (one new token): the token's position comes from ``position_ids`` (generate derives them
-  from the attention mask), so seq_len = position + 1 per sequence, on the device, no host sync.
-  The token's K/V, which the cache appended behind the padding, is copied to that position; then
-  the layer acts as its role says: full (decode_attention), select (select_attention, the indices
-  kept for the next layers) or sparse (sparse_attention).
+  use). Padded positions end up past seq_len: never attended, never selected. The padding is read
+  from the attention mask (the prompt's last row), on the device.
+* Decode (one new token): with a mask, seq_len is the count of valid positions in the new token's
+  mask row and the cache slot the token was appended to is the row's last valid position; its K/V
+  is copied to position seq_len - 1. Without a mask (no padding) seq_len = position_ids + 1. All
+  device ops, no host sync, nothing carried over from earlier calls. Then the layer acts as its
+  role says: full (decode_attention), select (select_attention, the indices kept for the next
+  layers) or sparse (sparse_attention).
 * KV-cache correction (``correction_stride`` S > 0): before every S-th decode step after the first,
   the last S tokens are re-run through the model with full attention, layer by layer
   (correct_kv_attention rewrites their K/V in the cache). A forward pre-hook on the model does it.
 
-State lives in a ``TidalState`` shared by the attention modules of one model (set by ``enable``),
-reset on every prefill: nothing global, two models in one process don't interfere. A generation
-must start with a prefill on an empty cache.
+State lives in a ``TidalState`` shared by the attention modules of one model (set by ``enable``):
+nothing global, two models in one process don't interfere. A generation must start with a prefill
+on an empty cache (continuing on a filled cache is not supported).
+Not supported: sliding-window attention (rejected by ``enable``); correction with beam search (the
+beams reorder the cache between the steps the hook records).
 """
 from __future__ import annotations
 
@@ -42,8 +46,8 @@ IMPLEMENTATION = "tidal"
 
 class TidalState:
     """Per-model TidalDecode state: the schedule (roles precomputed per layer, so the attention
-    function has no host-side config calls), and per generation the left-padding offsets, the
-    current selection, each layer's cache tensors and the decode-step history for correction."""
+    function has no host-side config calls), the selection of the current step, each layer's cache
+    tensors (for the correction re-run) and the decode-step history of the correction."""
 
     def __init__(self, config: TidalConfig, num_layers: int):
         config.validate_for_model(num_layers)
@@ -53,8 +57,6 @@ class TidalState:
         self.reset()
 
     def reset(self):
-        self.pad: Optional[torch.Tensor] = None   # [B] left-padding per sequence (device)
-        self.padded = False                        # any padding in this generation
         self.indices: Optional[torch.Tensor] = None
         self.caches: dict = {}                     # layer_idx -> (k_cache, v_cache)
         self.step = 0                              # decode steps begun
@@ -67,6 +69,11 @@ def _positions(position_ids: Optional[torch.Tensor], batch: int, q_len: int, dev
         raise RuntimeError("tidal_ext.hf: the tidal attention needs position_ids (generate() passes them)")
     pos = position_ids.reshape(-1, position_ids.shape[-1])[:, -q_len:]
     return pos.expand(batch, q_len).to(device=device, dtype=torch.long)
+
+
+def _valid(mask_row: torch.Tensor) -> torch.Tensor:
+    """Valid positions of a mask row: True entries of a bool mask, zeros of an additive one."""
+    return mask_row if mask_row.dtype == torch.bool else mask_row == 0
 
 
 def _compact_prompt(key: torch.Tensor, value: torch.Tensor, pad: torch.Tensor, q_len: int) -> None:
@@ -100,23 +107,26 @@ def tidal_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
     if q_len > 1:  # prefill: full causal attention exactly as sdpa, then the compact layout
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                         **kwargs)
-        if layer == 0 or state.pad is None:
+        if layer == 0:
             state.reset()
-            state.pad = (q_len - 1) - pos[:, -1]  # the last prompt token is real (left padding)
-            state.padded = attention_mask is not None
-        if state.padded:
-            _compact_prompt(key, value, state.pad, q_len)
+        if attention_mask is not None:  # left padding: the prompt's last row marks the real tokens
+            pad = q_len - _valid(attention_mask[:, 0, -1, :q_len]).sum(-1)
+            _compact_prompt(key, value, pad, q_len)
         state.caches[layer] = (key, value)
         return out, None
 
-    # decode: one token per sequence at its own position
-    p = pos[:, 0]
-    seq_lens = (p + 1).to(torch.int32)
-    if state.padded:  # the cache appended the token behind the padding: move it to its position
+    # decode: one token per sequence
+    if attention_mask is not None:
+        valid = _valid(attention_mask[:, 0, -1, :]).to(torch.long)  # [B, kv]: this token's valid positions
+        seq_lens = valid.sum(-1).to(torch.int32)
+        slots = torch.arange(1, valid.shape[-1] + 1, device=valid.device)
+        last = (valid * slots).amax(-1) - 1  # the slot the cache wrote: the row's last valid position
         rows = torch.arange(batch, device=key.device)
-        src = state.pad + p
-        key[rows, :, p] = key[rows, :, src]
-        value[rows, :, p] = value[rows, :, src]
+        dst = seq_lens.to(torch.long) - 1
+        key[rows, :, dst] = key[rows, :, last]
+        value[rows, :, dst] = value[rows, :, last]
+    else:  # no padding: the cache slot is the position
+        seq_lens = (pos[:, 0] + 1).to(torch.int32)
     state.caches[layer] = (key, value)
     q = query[:, :, 0]
     role = state.roles[layer]
@@ -138,14 +148,17 @@ def _attention_modules(model: torch.nn.Module):
 
 def _correction_hook(state: TidalState):
     """Forward pre-hook of the model: records decode-step inputs and, every correction_stride steps,
-    re-runs the last ones through the base model with full attention (correct_kv_attention)."""
+    re-runs the last ones through the base model with full attention (correct_kv_attention). It
+    reads the cache's length on the host to tell a new generation (correction runs eagerly)."""
     stride = state.config.correction_stride
 
     def hook(model, args, kwargs):
         if state.correcting:
             return None
         ids = kwargs.get("input_ids", args[0] if args else None)
-        if ids is None or ids.shape[1] > 1:  # prefill (or embeddings input): nothing to correct yet
+        past = kwargs.get("past_key_values")
+        if ids is None or ids.shape[1] > 1 or past is None or int(past.get_seq_length()) == 0:
+            state.reset()  # a prefill (a 1-token prompt too): a new generation, nothing to correct yet
             return None
         if state.step > 0 and state.step % stride == 0 and len(state.history) == stride:
             chunk_ids = torch.cat([h[0] for h in state.history], dim=1)
@@ -172,6 +185,11 @@ def enable(model: torch.nn.Module, config: Optional[TidalConfig] = None) -> torc
     with correction_stride > 0, installs the correction pre-hook. Returns the model."""
     config = config or TidalConfig()
     num_layers = model.config.num_hidden_layers
+    window = getattr(model.config, "sliding_window", None)
+    if window is not None and getattr(model.config, "use_sliding_window", True):
+        raise NotImplementedError(
+            f"tidal_ext.hf.enable: sliding-window attention (sliding_window={window}) is not supported; "
+            "set model.config.sliding_window = None to run the layers as full attention")
     layers = _attention_modules(model)
     if len(layers) != num_layers:
         raise ValueError(f"tidal_ext.hf.enable: found {len(layers)} attention modules with layer_idx, "
