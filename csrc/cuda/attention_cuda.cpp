@@ -38,7 +38,9 @@ void* current_stream(const at::Tensor& t) {
   return c10::impl::VirtualGuardImpl(c10::DeviceType::CUDA).getStream(t.device()).native_handle();
 }
 
-kernels::AttnParams attn_params(const kernels::DecodeParams& d) {
+// The fields DecodeParams and CorrectParams share (q, caches, shapes, scale).
+template <typename Src>
+kernels::AttnParams attn_params(const Src& d) {
   kernels::AttnParams p;
   p.q = d.q;
   p.q_stride_b = d.q_stride_b;
@@ -51,7 +53,6 @@ kernels::AttnParams attn_params(const kernels::DecodeParams& d) {
   p.v_stride_b = d.v_stride_b;
   p.v_stride_h = d.v_stride_h;
   p.v_stride_n = d.v_stride_n;
-  p.seq_lens = d.seq_lens;
   p.B = d.B;
   p.Hq = d.Hq;
   p.Hkv = d.Hkv;
@@ -87,6 +88,7 @@ CudaDecode prepare(const char* op, const at::Tensor& q, const at::Tensor& k_cach
   check_rows_aligned(op, "k_cache", k_cache);
   check_rows_aligned(op, "v_cache", v_cache);
   c.params = attn_params(c.launch.params);
+  c.params.seq_lens = c.launch.params.seq_lens;
   return c;
 }
 
@@ -177,27 +179,10 @@ at::Tensor correct_kv_attention(const at::Tensor& q, const at::Tensor& k, const 
   void* stream = current_stream(q);
   check_launch(op, kc::launch_write_kv(w, dtype, stream));
 
-  kernels::AttnParams p;
-  p.q = w.q;
-  p.q_stride_b = w.q_stride_b;
-  p.q_stride_h = w.q_stride_h;
-  p.q_stride_s = w.q_stride_s;
-  p.k = w.k;
-  p.k_stride_b = w.k_stride_b;
-  p.k_stride_h = w.k_stride_h;
-  p.k_stride_n = w.k_stride_n;
-  p.v = w.v;
-  p.v_stride_b = w.v_stride_b;
-  p.v_stride_h = w.v_stride_h;
-  p.v_stride_n = w.v_stride_n;
+  kernels::AttnParams p = attn_params(w);
+  p.q_stride_s = w.q_stride_s;  // S queries per head, each attending causally up to start + i
   p.start = w.start;
-  p.B = w.B;
-  p.Hq = w.Hq;
-  p.Hkv = w.Hkv;
-  p.N = w.N;
   p.S = w.S;
-  p.rows_per_group = w.Hq / w.Hkv;
-  p.scale = w.scale;
   run_attention(op, p, dtype, w.D, w.N, q, l.out, nullptr);
   return l.out;
 }
