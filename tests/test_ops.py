@@ -182,20 +182,24 @@ def poison_unlisted(cache, idx, lens, Hq):
     cache.copy_(torch.where(listed[..., None], cache, torch.full_like(cache, NAN)))
 
 
+def _check_sparse(q, k, v, idx, sl, case, what):
+    """sparse_attention with NaN at every unlisted position, against the reference; returns out."""
+    base = baseline_sparse_native(q, k, v, idx, case.lens)
+    poison_unlisted(k, idx, case.lens, case.Hq)
+    poison_unlisted(v, idx, case.lens, case.Hq)
+    out = OPS.sparse_attention(q, k, v, idx, sl)
+    assert_out_layout(out, q, (case.B, case.Hq, case.D))
+    assert_accurate(out, ref.sparse_attention(q, k, v, idx, sl), base, case.torch_dtype, what)
+    return out
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_sparse_attention_selected(case, device):
     """Indices as select_attention defines them (from the reference), NaN at every other position."""
     skip_unsupported(device, case.torch_dtype)
     q, k, v, sl, _, _ = make_inputs(case, device)
     _, idx = ref.select_attention(q, k, v, sl, case.top_k, case.mode, case.sink, case.recent)
-    idx = idx.to(device)
-    base = baseline_sparse_native(q, k, v, idx, case.lens)
-    poison_unlisted(k, idx, case.lens, case.Hq)
-    poison_unlisted(v, idx, case.lens, case.Hq)
-    out = OPS.sparse_attention(q, k, v, idx, sl)
-    assert_out_layout(out, q, (case.B, case.Hq, case.D))
-    ref64 = ref.sparse_attention(q, k, v, idx, sl)
-    assert_accurate(out, ref64, base, case.torch_dtype, "sparse_attention")
+    out = _check_sparse(q, k, v, idx.to(device), sl, case, "sparse_attention")
     assert_zero_rows(out, case)
 
 
@@ -212,14 +216,7 @@ def test_sparse_attention_random_indices(case, device):
     idx[junk] = torch.tensor([-1, -7, case.N, case.N + 3, 1 << 30], dtype=torch.int32)[
         torch.randint(0, 5, (int(junk.sum()),))]
     idx[..., -1] = idx[..., 0]  # a duplicate
-    idx = idx.to(device)
-    base = baseline_sparse_native(q, k, v, idx, case.lens)
-    poison_unlisted(k, idx, case.lens, case.Hq)
-    poison_unlisted(v, idx, case.lens, case.Hq)
-    out = OPS.sparse_attention(q, k, v, idx, sl)
-    assert_out_layout(out, q, (case.B, case.Hq, case.D))
-    ref64 = ref.sparse_attention(q, k, v, idx, sl)
-    assert_accurate(out, ref64, base, case.torch_dtype, "sparse_attention(random indices)")
+    _check_sparse(q, k, v, idx.to(device), sl, case, "sparse_attention(random indices)")
 
 
 @pytest.mark.parametrize("case", CASES)
