@@ -90,13 +90,13 @@ kernels::DecodeParams check_attention_inputs(const char* op, const at::Tensor& q
   return p;
 }
 
-void check_seq_lens_values(const char* op, const std::optional<at::Tensor>& seq_lens, int64_t N) {
-  if (!seq_lens.has_value()) return;
-  const at::Tensor lens = seq_lens->contiguous();
-  const int32_t* data = lens.data_ptr<int32_t>();
-  for (int64_t b = 0; b < lens.numel(); ++b)
-    TIDAL_CHECK_ARG(data[b] >= 0 && data[b] <= N, op, "seq_lens", c10::str("values in [0, N = ", N, "]"),
-                    c10::str(data[b], " at batch row ", b));
+// Every value of an int32 [B] tensor in [0, hi]. Reads the data: CPU tensors only (CUDA kernels
+// clamp instead of syncing the host).
+void check_values_in(const char* op, const char* arg, const at::Tensor& t, int64_t hi, const std::string& expected) {
+  const at::Tensor c = t.contiguous();
+  const int32_t* data = c.data_ptr<int32_t>();
+  for (int64_t b = 0; b < c.numel(); ++b)
+    TIDAL_CHECK_ARG(data[b] >= 0 && data[b] <= hi, op, arg, expected, c10::str(data[b], " at batch row ", b));
 }
 
 }  // namespace
@@ -131,15 +131,6 @@ void check_correct_inputs(const char* op, const at::Tensor& q, const at::Tensor&
   check_per_sequence(op, "start", start, q, p.B);
 }
 
-void check_start_values(const char* op, const at::Tensor& start, int64_t S, int64_t N) {
-  const at::Tensor st = start.contiguous();
-  const int32_t* data = st.data_ptr<int32_t>();
-  for (int64_t b = 0; b < st.numel(); ++b)
-    TIDAL_CHECK_ARG(data[b] >= 0 && data[b] + S <= N, op, "start",
-                    c10::str("0 <= start and start + S <= N (S = ", S, ", N = ", N, ")"),
-                    c10::str(data[b], " at batch row ", b));
-}
-
 at::Tensor with_contiguous_last_dim(const at::Tensor& t) {
   return (t.dim() == 0 || t.stride(-1) == 1 || t.size(-1) <= 1) ? t : t.contiguous();
 }
@@ -151,7 +142,8 @@ DecodeLaunch prepare_decode(const char* op, const at::Tensor& q, const at::Tenso
   DecodeLaunch l;
   kernels::DecodeParams& p = l.params;
   p = check_attention_inputs(op, q, k_cache, v_cache, seq_lens, scale, 3);
-  if (q.is_cpu()) check_seq_lens_values(op, seq_lens, p.N);
+  if (q.is_cpu() && seq_lens.has_value())
+    check_values_in(op, "seq_lens", *seq_lens, p.N, c10::str("values in [0, N = ", p.N, "]"));
   l.q = with_contiguous_last_dim(q);
   l.out = at::empty({p.B, p.Hq, p.D}, q.options());
   p.q = l.q.data_ptr();
@@ -179,7 +171,9 @@ CorrectLaunch prepare_correct(const char* op, const at::Tensor& q, const at::Ten
   const kernels::DecodeParams shape = check_attention_inputs(op, q, k_cache, v_cache, std::nullopt, scale, 4);
   check_correct_inputs(op, q, k, v, start, shape);
   const int64_t S = q.size(2);
-  if (q.is_cpu()) check_start_values(op, start, S, shape.N);
+  if (q.is_cpu())
+    check_values_in(op, "start", start, shape.N - S,
+                    c10::str("0 <= start and start + S <= N (S = ", S, ", N = ", shape.N, ")"));
   CorrectLaunch l;
   l.q = with_contiguous_last_dim(q);
   l.k = with_contiguous_last_dim(k);
