@@ -96,12 +96,12 @@ def naive_sparse(q, k, v, idx):
     return torch.einsum("bhk,bhkd->bhd", p, vs.float()).to(q.dtype)
 
 
-def unique_rows(idx):
+def unique_rows(idx, hq=HQ, hkv=HKV):
     """Distinct (b, kv head, position) rows an index tensor makes a kernel read."""
     B, H, K = idx.shape
-    per_kv = idx.view(B, HKV, -1) if H == HQ else idx
+    per_kv = idx.reshape(B, hkv, -1) if H == hq else idx
     return sum(torch.unique(per_kv[b, g]).numel() - int((per_kv[b, g] < 0).any())
-               for b in range(B) for g in range(HKV))
+               for b in range(B) for g in range(hkv))
 
 
 def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):

@@ -1,13 +1,17 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build with CUDA, run the GoogleTest suite and the CUDA tests, a
-# compute-sanitizer memcheck over a reduced sweep, then the op benchmark. Logs and JSON go under $OUT;
-# a short table is printed last.   STAGES="build test sanitize bench app" (default: all) picks stages
-# (app: the C++ examples built against the installed package, then the C++ decode app benchmark).
+# One call on the GPU machine: build with CUDA, run the GoogleTest suite and the CUDA tests,
+# compute-sanitizer (memcheck, racecheck) over a reduced sweep, the 10,000-case fuzz, the op, C++ app
+# and end-to-end benchmarks and the SmolLM2 accuracy evaluation. Logs and JSON go under $OUT; a short
+# summary is printed last.  STAGES picks stages (default: "build test sanitize fuzz bench app e2e"):
+#   app       the C++ examples built against the installed package, then the C++ decode app benchmark
+#   accuracy  benchmarks/eval_accuracy.py on SmolLM2; the GGUF file travels in two halves
+#             (.device_data/gguf_a, gguf_b, carried by two calls on one warm machine: the file is
+#             larger than one call may carry) with the gguf wheel (.device_data/*.whl).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-/tmp/tidal_gpu_out}
 mkdir -p "$OUT"
-STAGES=${STAGES:-"build test sanitize bench app"}
+STAGES=${STAGES:-"build test sanitize fuzz bench app e2e"}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0a} PYTHONUNBUFFERED=1
 # The GPU image's CXX (/opt/gcc/bin/g++) is a wrapper that links libstdc++ statically; a static copy
 # inside an extension that torch's shared libstdc++ also serves crashes on the first formatted
@@ -37,17 +41,49 @@ if has test; then
   t0=$(stamp)
   ctest --test-dir build -j 16 --output-on-failure >"$OUT/ctest.log" 2>&1; rc=$?
   summary+=("ctest: $(grep -E 'tests passed|tests failed' "$OUT/ctest.log" | tail -1) (rc $rc)")
-  "$PY" -m pytest -q --maxfail=30 -p no:cacheprovider tests -k "cuda" >"$OUT/pytest_cuda.log" 2>&1; rc=$?
+  "$PY" -m pytest -q --maxfail=30 -p no:cacheprovider tests -k "cuda or test_large" >"$OUT/pytest_cuda.log" 2>&1; rc=$?
   tail -25 "$OUT/pytest_cuda.log"
   summary+=("pytest cuda: $(tail -1 "$OUT/pytest_cuda.log") (rc $rc, $(( $(stamp) - t0 )) s)")
 fi
 
 if has sanitize; then
   t0=$(stamp)
-  compute-sanitizer --tool memcheck --error-exitcode 9 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py \
-    -k "cuda and B3 and (test_decode_attention or test_select_attention or test_sparse_attention_random or test_correct_kv_attention)" \
-    >"$OUT/memcheck.log" 2>&1; rc=$?
-  summary+=("memcheck: $(grep -E 'ERROR SUMMARY' "$OUT/memcheck.log" | tail -1) / $(tail -1 "$OUT/memcheck.log") (rc $rc, $(( $(stamp) - t0 )) s)")
+  # memcheck: every op on the reduced sweep (B=3 cases); racecheck (slower): its bf16 half.
+  subset="cuda and B3 and (test_decode_attention or test_select_attention or test_sparse_attention_random or test_correct_kv_attention)"
+  for tool in memcheck racecheck; do
+    filter=$subset; [ $tool = racecheck ] && filter="$subset and bf16"
+    compute-sanitizer --tool $tool --error-exitcode 9 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py \
+      -k "$filter" >"$OUT/$tool.log" 2>&1
+    echo "rc $?" >>"$OUT/$tool.log"
+  done
+  "$PY" - "$OUT" <<'PYEOF'
+import datetime, json, re, sys, torch
+out = sys.argv[1]
+name = torch.cuda.get_device_name()
+result = {"card": next((t.lower() for t in ("H200", "H100") if t in name), name), "device": name,
+          "date": str(datetime.date.today()), "tools": [], "tests": 0, "errors": 0, "runs": []}
+for tool in ("memcheck", "racecheck"):
+    log = open(f"{out}/{tool}.log").read()
+    errors = sum(int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) error", log))
+    passed = int((re.findall(r"(\d+) passed", log) or ["0"])[-1])
+    failed = int((re.findall(r"(\d+) failed", log) or ["0"])[-1])
+    result["tools"].append(tool)
+    result["tests"] += passed + failed
+    result["errors"] += errors
+    result["runs"].append({"tool": tool, "tests_passed": passed, "tests_failed": failed, "errors": errors,
+                           "rc": int(re.findall(r"^rc (\d+)", log, re.M)[-1])})
+json.dump(result, open(f"{out}/sanitizer.json", "w"), indent=1)
+print("sanitizer:", ", ".join(f"{r['tool']} {r['tests_passed']} passed / {r['tests_failed']} failed, {r['errors']} errors"
+                              for r in result["runs"]))
+PYEOF
+  summary+=("sanitizer: $(grep -hE 'ERROR SUMMARY' "$OUT/memcheck.log" "$OUT/racecheck.log" | tr '\n' ' ') ($(( $(stamp) - t0 )) s)")
+fi
+
+if has fuzz; then
+  t0=$(stamp)
+  "$PY" tests/fuzz.py --device cuda --cases ${FUZZ_CASES:-10000} --workers 8 --max-seconds ${FUZZ_SECONDS:-400} \
+    --out "$OUT/fuzz.json" >"$OUT/fuzz.log" 2>&1
+  summary+=("$(head -1 "$OUT/fuzz.log") ($(( $(stamp) - t0 )) s)")
 fi
 
 if has bench; then
@@ -59,6 +95,28 @@ if has app; then
   EXAMPLES_DEVICE=cuda bash scripts/examples.sh >"$OUT/examples.log" 2>&1; rc=$?
   summary+=("examples (cuda): $(tail -1 "$OUT/examples.log") (rc $rc, $(( $(stamp) - t0 )) s)")
   "$PY" benchmarks/bench_cpp_app.py --out "$OUT/cpp_app.json" ${APP_ARGS:-} 2>&1 | grep -v '^\$' | tee "$OUT/cpp_app.log" | tail -12
+fi
+
+if has e2e; then
+  t0=$(stamp)
+  "$PY" benchmarks/bench_e2e.py --out "$OUT/e2e.json" ${E2E_ARGS:-} >"$OUT/e2e.log" 2>&1; rc=$?
+  tail -14 "$OUT/e2e.log"
+  summary+=("e2e: rc $rc ($(( $(stamp) - t0 )) s)")
+fi
+
+if has accuracy; then
+  t0=$(stamp)
+  if [ -f .device_data/gguf_a ] && [ -f .device_data/gguf_b ]; then
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .device_data/*.whl >/dev/null 2>&1
+    cat .device_data/gguf_a .device_data/gguf_b >/tmp/smollm2.gguf
+    PYTHONPATH="$PYTHONPATH:/tmp/site" TIDAL_SMOLLM2_GGUF=/tmp/smollm2.gguf TIDAL_EXT_CACHE=/tmp/tidal_cache \
+      "$PY" benchmarks/eval_accuracy.py --device cuda --out "$OUT/accuracy.json" --plot "$OUT/accuracy.png" \
+      ${ACCURACY_ARGS:-} >"$OUT/accuracy.log" 2>&1
+    rc=$?; tail -30 "$OUT/accuracy.log"
+    summary+=("accuracy: rc $rc ($(( $(stamp) - t0 )) s)")
+  else
+    summary+=("accuracy: skipped, .device_data/gguf_a or gguf_b missing")
+  fi
 fi
 
 echo

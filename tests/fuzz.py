@@ -3,15 +3,18 @@ capacity), per-sequence lengths (0, 1, around top_k, N), budgets (top_k, sink, r
 cache layouts (contiguous, sliced, [B, N, H, D] transposed), strided q and dtypes, each case run
 through the checks of tests/test_ops.py (NaN-framed caches, reference error <= 2x plain PyTorch's,
 tie-aware index comparison). tests/test_fuzz.py runs a few hundred cases on CPU (fixed seed);
-on the GPU machine:
-    python tests/fuzz.py --device cuda --cases 10000 --out $OUT/fuzz.json
+on the GPU machine (8 processes, each its own seed and share of the cases; the float64 reference
+on the host is the slow part):
+    python tests/fuzz.py --device cuda --cases 10000 --workers 8 --out $OUT/fuzz.json
 """
 import argparse
 import datetime
 import json
 import os
 import random
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
@@ -57,27 +60,56 @@ def run(cases: int, device: str, seed: int = 0, max_seconds: float = float("inf"
     return cases, failures
 
 
+def run_workers(args):
+    """(cases run, failure lines, mismatch count) of args.workers child processes (seeds seed + i)."""
+    share = -(-args.cases // args.workers)
+    with tempfile.TemporaryDirectory() as tmp:
+        outs = [os.path.join(tmp, f"w{w}.json") for w in range(args.workers)]
+        env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // args.workers)))
+        procs = [subprocess.Popen([sys.executable, os.path.abspath(__file__), "--device", args.device, "--cases",
+                                   str(min(share, args.cases - w * share)), "--seed", str(args.seed + w),
+                                   "--max-seconds", str(args.max_seconds), "--out", out], env=env,
+                                  stdout=subprocess.DEVNULL)
+                 for w, out in enumerate(outs) if args.cases > w * share]
+        for proc in procs:
+            proc.wait()
+        results = []
+        for out in outs[:len(procs)]:
+            if not os.path.exists(out):  # a worker that died: its whole share counts as failed
+                return sum(r["cases"] for r in results), [f"worker {out} crashed"], 1
+            with open(out) as f:
+                results.append(json.load(f))
+    return (sum(r["cases"] for r in results), [line for r in results for line in r["failures"]],
+            sum(r["mismatches"] for r in results))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--cases", type=int, default=10000)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the cases (seeds seed + i)")
     p.add_argument("--max-seconds", type=float, default=float("inf"), help="stop early (cases run are reported)")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    n, failures = run(args.cases, args.device, args.seed, args.max_seconds)
+    if args.workers > 1:
+        n, failures, mismatches = run_workers(args)
+    else:
+        n, failures = run(args.cases, args.device, args.seed, args.max_seconds)
+        mismatches = len(failures)
     name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
     card = next((t.lower() for t in ("H200", "H100") if t in name), name)
     result = {"card": card, "device": name, "date": str(datetime.date.today()), "torch": torch.__version__,
-              "seed": args.seed, "cases": n, "checks_per_case": len(CHECKS), "mismatches": len(failures),
-              "failures": failures[:50]}
+              "seed": args.seed, "workers": args.workers, "cases": n, "checks_per_case": len(CHECKS),
+              "mismatches": mismatches,
+              "failures": failures[:200]}
     if args.out:
         with open(args.out, "w") as f:
             json.dump(result, f, indent=1)
-    print(f"fuzz on {name}: {n} cases x {len(CHECKS)} checks, {len(failures)} mismatches")
+    print(f"fuzz on {name}: {n} cases x {len(CHECKS)} checks, {mismatches} mismatches")
     for line in failures[:20]:
         print("  " + line)
-    sys.exit(1 if failures else 0)
+    sys.exit(1 if mismatches else 0)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,10 @@ X, got Y"); edge inputs with defined results (B = 0, N = 0, seq_len 0 rows) give
 
 Value checks (seq_lens outside [0, N], start outside [0, N - S]) read tensor data, which CUDA ops
 must not do on the host (no synchronization, CUDA-graph safe; the CUDA kernels clamp instead), so
-those cases run on CPU only.
+those cases run on CPU only. CUDA-only cases: float32 (CPU has it), cache rows that are not 16-byte
+aligned, and the grid limits (B <= 65535; select's N <= 65535 * 16384). Shape-only cases with huge
+dims (N = 2^31, B = 65536, N = 2^30) use expand()ed zero-stride tensors: the checks read shapes only,
+so nothing big is allocated. Real > 2^31-element offsets are tests/test_large.py.
 """
 
 import pytest
@@ -47,7 +50,7 @@ def other_dtype(t):
     return t.to(torch.bfloat16 if t.dtype == torch.float16 else torch.float16)
 
 
-# (name, mutate(args, device) -> None, argument regex, ops it applies to, cpu_only)
+# (name, mutate(args, device) -> None, argument regex, ops it applies to, only: None | "cpu" | "cuda")
 ATTN = ("decode_attention", "select_attention", "sparse_attention")
 ALL = tuple(OP_NAMES)
 
@@ -82,96 +85,170 @@ def _all_heads(hq, hkv, d=D):
     return f
 
 
+def _expand_caches(n=N, b=B):
+    """Zero-stride caches [b, HKV, n, D]: any shape, no memory (the checks read shapes only)."""
+    def f(a, dev):
+        for key in ("k_cache", "v_cache"):
+            a[key] = torch.zeros(1, HKV, 1, D, dtype=a[key].dtype, device=dev).expand(b, HKV, n, D)
+    return f
+
+
+def _huge_batch(bb):
+    """Every tensor argument with batch bb: zero-stride views, seq_lens/start real zeros."""
+    def f(a, dev):
+        for key, t in list(a.items()):
+            if key in ("seq_lens", "start"):
+                a[key] = torch.zeros(bb, dtype=torch.int32, device=dev)
+            elif isinstance(t, torch.Tensor):
+                a[key] = t[:1].expand(bb, *t.shape[1:])
+    return f
+
+
+def misaligned(t):
+    """Same shape and values, the data pointer one element past a 16-byte boundary."""
+    view = torch.empty(t.numel() + 8, dtype=t.dtype, device=t.device)[1:1 + t.numel()].view(t.shape)
+    return view.copy_(t)
+
+
+def padded_rows(t):
+    """Same values, row stride D + 4 elements (not a multiple of 8)."""
+    big = torch.zeros(*t.shape[:-1], t.shape[-1] + 4, dtype=t.dtype, device=t.device)
+    big[..., :t.shape[-1]] = t
+    return big[..., :t.shape[-1]]
+
+
+def _floats(dtype):
+    return lambda a, d: [a.__setitem__(k, a[k].to(dtype)) for k in ("q", "k_cache", "v_cache", "k", "v") if k in a]
+
+
+i32 = lambda v, d: torch.tensor(v, dtype=torch.int32, device=d)  # noqa: E731
+
 CASES = [
     # q / caches: dtype
-    ("q_float64", _set(q=lambda a, d: a["q"].double()), r"q", ALL, False),
-    ("q_int32", _set(q=lambda a, d: a["q"].to(torch.int32)), r"q", ALL, False),
+    ("q_float64", _set(q=lambda a, d: a["q"].double()), r"q", ALL, None),
+    ("q_int32", _set(q=lambda a, d: a["q"].to(torch.int32)), r"q", ALL, None),
     ("all_float64", lambda a, d: [a.__setitem__(k, a[k].double()) for k in ("q", "k_cache", "v_cache", "k", "v") if k in a],
-     r"q", ALL, False),
-    ("k_cache_dtype", _set(k_cache=lambda a, d: other_dtype(a["k_cache"])), r"k_cache", ALL, False),
-    ("v_cache_dtype", _set(v_cache=lambda a, d: other_dtype(a["v_cache"])), r"v_cache", ALL, False),
+     r"q", ALL, None),
+    ("k_cache_dtype", _set(k_cache=lambda a, d: other_dtype(a["k_cache"])), r"k_cache", ALL, None),
+    ("v_cache_dtype", _set(v_cache=lambda a, d: other_dtype(a["v_cache"])), r"v_cache", ALL, None),
     # rank / shape
-    ("q_rank_plus1", _set(q=lambda a, d: a["q"].unsqueeze(2)), r"q", ALL, False),
-    ("q_rank_minus1", _set(q=lambda a, d: a["q"][0]), r"q", ALL, False),
-    ("k_cache_rank3", _set(k_cache=lambda a, d: a["k_cache"][0]), r"k_cache", ALL, False),
-    ("v_cache_rank5", _set(v_cache=lambda a, d: a["v_cache"][None]), r"v_cache", ALL, False),
-    ("B_mismatch_q_caches", _resize_caches(b=B + 1), r"(k_cache|q)", ALL, False),
-    ("D_mismatch_q_caches", _resize_caches(d=128), r"(k_cache|q)", ALL, False),
-    ("N_mismatch_k_v", _resize_caches(n=N + 1, which=("v_cache",)), r"(v_cache|k_cache)", ALL, False),
-    ("Hkv_mismatch_k_v", _resize_caches(hkv=1, which=("v_cache",)), r"(v_cache|k_cache)", ALL, False),
-    ("D_mismatch_k_v", _resize_caches(d=128, which=("v_cache",)), r"(v_cache|k_cache)", ALL, False),
-    ("Hq_not_multiple_of_Hkv", _all_heads(6, 4), r"(q|Hq|k_cache)", ALL, False),
-    ("head_dim_48", _all_heads(HQ, HKV, d=48), r"(q|head dim|D)", ALL, False),
-    ("k_cache_last_dim_strided", _set(k_cache=lambda a, d: strided_last(a["k_cache"])), r"k_cache", ALL, False),
-    ("v_cache_last_dim_strided", _set(v_cache=lambda a, d: strided_last(a["v_cache"])), r"v_cache", ALL, False),
-    ("scale_nan", _set(scale=lambda a, d: float("nan")), r"scale", ALL, False),
+    ("q_rank_plus1", _set(q=lambda a, d: a["q"].unsqueeze(2)), r"q", ALL, None),
+    ("q_rank_minus1", _set(q=lambda a, d: a["q"][0]), r"q", ALL, None),
+    ("k_cache_rank3", _set(k_cache=lambda a, d: a["k_cache"][0]), r"k_cache", ALL, None),
+    ("v_cache_rank5", _set(v_cache=lambda a, d: a["v_cache"][None]), r"v_cache", ALL, None),
+    ("B_mismatch_q_caches", _resize_caches(b=B + 1), r"(k_cache|q)", ALL, None),
+    ("D_mismatch_q_caches", _resize_caches(d=128), r"(k_cache|q)", ALL, None),
+    ("N_mismatch_k_v", _resize_caches(n=N + 1, which=("v_cache",)), r"(v_cache|k_cache)", ALL, None),
+    ("Hkv_mismatch_k_v", _resize_caches(hkv=1, which=("v_cache",)), r"(v_cache|k_cache)", ALL, None),
+    ("D_mismatch_k_v", _resize_caches(d=128, which=("v_cache",)), r"(v_cache|k_cache)", ALL, None),
+    ("Hq_not_multiple_of_Hkv", _all_heads(6, 4), r"(q|Hq|k_cache)", ALL, None),
+    ("head_dim_48", _all_heads(HQ, HKV, d=48), r"(q|head dim|D)", ALL, None),
+    ("k_cache_last_dim_strided", _set(k_cache=lambda a, d: strided_last(a["k_cache"])), r"k_cache", ALL, None),
+    ("v_cache_last_dim_strided", _set(v_cache=lambda a, d: strided_last(a["v_cache"])), r"v_cache", ALL, None),
+    ("scale_nan", _set(scale=lambda a, d: float("nan")), r"scale", ALL, None),
     # seq_lens
-    ("seq_lens_int64", _set(seq_lens=lambda a, d: a["seq_lens"].long()), r"seq_lens", ATTN, False),
-    ("seq_lens_float", _set(seq_lens=lambda a, d: a["seq_lens"].float()), r"seq_lens", ATTN, False),
+    ("seq_lens_int64", _set(seq_lens=lambda a, d: a["seq_lens"].long()), r"seq_lens", ATTN, None),
+    ("seq_lens_float", _set(seq_lens=lambda a, d: a["seq_lens"].float()), r"seq_lens", ATTN, None),
     ("seq_lens_too_long", _set(seq_lens=lambda a, d: torch.tensor([N, 5, 5], dtype=torch.int32, device=d)),
-     r"seq_lens", ATTN, False),
-    ("seq_lens_2d", _set(seq_lens=lambda a, d: a["seq_lens"][:, None]), r"seq_lens", ATTN, False),
+     r"seq_lens", ATTN, None),
+    ("seq_lens_2d", _set(seq_lens=lambda a, d: a["seq_lens"][:, None]), r"seq_lens", ATTN, None),
     ("seq_lens_gt_N", _set(seq_lens=lambda a, d: torch.tensor([N + 1, 5], dtype=torch.int32, device=d)),
-     r"seq_lens", ATTN, True),
+     r"seq_lens", ATTN, "cpu"),
     ("seq_lens_negative", _set(seq_lens=lambda a, d: torch.tensor([3, -1], dtype=torch.int32, device=d)),
-     r"seq_lens", ATTN, True),
+     r"seq_lens", ATTN, "cpu"),
     # select_attention budget / mode
     ("top_k_0", _set(top_k=lambda a, d: 0, sink=lambda a, d: 0, recent=lambda a, d: 0), r"top_k",
-     ("select_attention",), False),
+     ("select_attention",), None),
     ("top_k_negative", _set(top_k=lambda a, d: -5, sink=lambda a, d: 0, recent=lambda a, d: 0), r"top_k",
-     ("select_attention",), False),
-    ("top_k_over_max", _set(top_k=lambda a, d: (1 << 20) + 1), r"top_k", ("select_attention",), False),
-    ("mode_bogus", _set(mode=lambda a, d: "heads"), r"mode", ("select_attention",), False),
-    ("mode_empty", _set(mode=lambda a, d: ""), r"mode", ("select_attention",), False),
-    ("sink_negative", _set(sink=lambda a, d: -1), r"sink", ("select_attention",), False),
-    ("recent_negative", _set(recent=lambda a, d: -1), r"recent", ("select_attention",), False),
+     ("select_attention",), None),
+    ("top_k_over_max", _set(top_k=lambda a, d: (1 << 20) + 1), r"top_k", ("select_attention",), None),
+    ("mode_bogus", _set(mode=lambda a, d: "heads"), r"mode", ("select_attention",), None),
+    ("mode_empty", _set(mode=lambda a, d: ""), r"mode", ("select_attention",), None),
+    ("sink_negative", _set(sink=lambda a, d: -1), r"sink", ("select_attention",), None),
+    ("recent_negative", _set(recent=lambda a, d: -1), r"recent", ("select_attention",), None),
     ("sink_fills_budget", _set(top_k=lambda a, d: 4, sink=lambda a, d: 4, recent=lambda a, d: 0),
-     r"(sink|recent|top_k)", ("select_attention",), False),
+     r"(sink|recent|top_k)", ("select_attention",), None),
     ("sink_recent_over_budget", _set(top_k=lambda a, d: 4, sink=lambda a, d: 2, recent=lambda a, d: 3),
-     r"(sink|recent|top_k)", ("select_attention",), False),
+     r"(sink|recent|top_k)", ("select_attention",), None),
     # sparse_attention indices
-    ("indices_int64", _set(indices=lambda a, d: a["indices"].long()), r"indices", ("sparse_attention",), False),
-    ("indices_float", _set(indices=lambda a, d: a["indices"].float()), r"indices", ("sparse_attention",), False),
-    ("indices_rank2", _set(indices=lambda a, d: a["indices"][0]), r"indices", ("sparse_attention",), False),
-    ("indices_rank4", _set(indices=lambda a, d: a["indices"][..., None]), r"indices", ("sparse_attention",), False),
+    ("indices_int64", _set(indices=lambda a, d: a["indices"].long()), r"indices", ("sparse_attention",), None),
+    ("indices_float", _set(indices=lambda a, d: a["indices"].float()), r"indices", ("sparse_attention",), None),
+    ("indices_rank2", _set(indices=lambda a, d: a["indices"][0]), r"indices", ("sparse_attention",), None),
+    ("indices_rank4", _set(indices=lambda a, d: a["indices"][..., None]), r"indices", ("sparse_attention",), None),
     ("indices_B_mismatch", _set(indices=lambda a, d: torch.zeros(B + 1, HQ, 8, dtype=torch.int32, device=d)),
-     r"indices", ("sparse_attention",), False),
+     r"indices", ("sparse_attention",), None),
     ("indices_Hsel_3", _set(indices=lambda a, d: torch.zeros(B, 3, 8, dtype=torch.int32, device=d)),
-     r"indices", ("sparse_attention",), False),
+     r"indices", ("sparse_attention",), None),
     ("indices_Hsel_1", _set(indices=lambda a, d: torch.zeros(B, 1, 8, dtype=torch.int32, device=d)),
-     r"indices", ("sparse_attention",), False),
+     r"indices", ("sparse_attention",), None),
     # correct_kv_attention
-    ("k_S_mismatch", _set(k=lambda a, d: a["k"][:, :, :S - 1]), r"\bk\b", ("correct_kv_attention",), False),
-    ("v_shape_mismatch", _set(v=lambda a, d: a["v"][:, :1]), r"\bv\b", ("correct_kv_attention",), False),
+    ("k_S_mismatch", _set(k=lambda a, d: a["k"][:, :, :S - 1]), r"\bk\b", ("correct_kv_attention",), None),
+    ("v_shape_mismatch", _set(v=lambda a, d: a["v"][:, :1]), r"\bv\b", ("correct_kv_attention",), None),
     ("k_Hkv_mismatch_cache", _set(k=lambda a, d: torch.randn(B, HKV * 2, S, D).to(a["k"].dtype).to(d)), r"\bk\b",
-     ("correct_kv_attention",), False),
-    ("k_dtype", _set(k=lambda a, d: other_dtype(a["k"])), r"\bk\b", ("correct_kv_attention",), False),
-    ("v_dtype", _set(v=lambda a, d: other_dtype(a["v"])), r"\bv\b", ("correct_kv_attention",), False),
-    ("k_rank3", _set(k=lambda a, d: a["k"][0]), r"\bk\b", ("correct_kv_attention",), False),
-    ("start_int64", _set(start=lambda a, d: a["start"].long()), r"start", ("correct_kv_attention",), False),
-    ("start_float", _set(start=lambda a, d: a["start"].float()), r"start", ("correct_kv_attention",), False),
+     ("correct_kv_attention",), None),
+    ("k_dtype", _set(k=lambda a, d: other_dtype(a["k"])), r"\bk\b", ("correct_kv_attention",), None),
+    ("v_dtype", _set(v=lambda a, d: other_dtype(a["v"])), r"\bv\b", ("correct_kv_attention",), None),
+    ("k_rank3", _set(k=lambda a, d: a["k"][0]), r"\bk\b", ("correct_kv_attention",), None),
+    ("start_int64", _set(start=lambda a, d: a["start"].long()), r"start", ("correct_kv_attention",), None),
+    ("start_float", _set(start=lambda a, d: a["start"].float()), r"start", ("correct_kv_attention",), None),
     ("start_wrong_length", _set(start=lambda a, d: torch.zeros(B + 1, dtype=torch.int32, device=d)), r"start",
-     ("correct_kv_attention",), False),
-    ("start_2d", _set(start=lambda a, d: a["start"][:, None]), r"start", ("correct_kv_attention",), False),
+     ("correct_kv_attention",), None),
+    ("start_2d", _set(start=lambda a, d: a["start"][:, None]), r"start", ("correct_kv_attention",), None),
     ("start_negative", _set(start=lambda a, d: torch.tensor([-1, 0], dtype=torch.int32, device=d)), r"start",
-     ("correct_kv_attention",), True),
+     ("correct_kv_attention",), "cpu"),
     ("start_plus_S_over_N", _set(start=lambda a, d: torch.tensor([0, N - S + 1], dtype=torch.int32, device=d)),
-     r"start", ("correct_kv_attention",), True),
+     r"start", ("correct_kv_attention",), "cpu"),
+    # ---- added by the issue-7 audit: every argument's dtype/rank/shape on every op
+    ("all_float32_on_cuda", _floats(torch.float32), r"q", ALL, "cuda"),
+    ("k_cache_float64", _set(k_cache=lambda a, d: a["k_cache"].double()), r"k_cache", ALL, None),
+    ("v_cache_int32", _set(v_cache=lambda a, d: a["v_cache"].to(torch.int32)), r"v_cache", ALL, None),
+    ("k_cache_rank5", _set(k_cache=lambda a, d: a["k_cache"][None]), r"k_cache", ALL, None),
+    ("v_cache_rank3", _set(v_cache=lambda a, d: a["v_cache"][0]), r"v_cache", ALL, None),
+    ("Hq_0", _all_heads(0, HKV), r"q", ALL, None),
+    ("Hkv_0", _all_heads(HQ, 0), r"k_cache", ALL, None),
+    ("head_dim_0", _all_heads(HQ, HKV, d=0), r"(q|head dim)", ALL, None),
+    ("head_dim_512", _all_heads(HQ, HKV, d=512), r"(q|head dim)", ALL, None),
+    ("N_over_int32", _expand_caches(n=1 << 31), r"k_cache", ALL, None),
+    ("scale_inf", _set(scale=lambda a, d: float("inf")), r"scale", ALL, None),
+    ("seq_lens_too_short", _set(seq_lens=lambda a, d: i32([N], d)), r"seq_lens", ATTN, None),
+    ("seq_lens_0d", _set(seq_lens=lambda a, d: i32(N, d)), r"seq_lens", ATTN, None),
+    ("seq_lens_bool", _set(seq_lens=lambda a, d: a["seq_lens"] > 0), r"seq_lens", ATTN, None),
+    ("top_k_2e40", _set(top_k=lambda a, d: 1 << 40), r"top_k", ("select_attention",), None),
+    ("mode_case", _set(mode=lambda a, d: "Head"), r"mode", ("select_attention",), None),
+    ("recent_over_budget", _set(top_k=lambda a, d: 4, sink=lambda a, d: 0, recent=lambda a, d: 5),
+     r"(sink|recent|top_k)", ("select_attention",), None),
+    ("indices_int16", _set(indices=lambda a, d: a["indices"].to(torch.int16)), r"indices", ("sparse_attention",), None),
+    ("indices_0d", _set(indices=lambda a, d: i32(0, d)), r"indices", ("sparse_attention",), None),
+    ("k_B_mismatch", _set(k=lambda a, d: torch.randn(B + 1, HKV, S, D).to(a["k"].dtype).to(d)), r"\bk\b",
+     ("correct_kv_attention",), None),
+    ("k_D_mismatch", _set(k=lambda a, d: torch.randn(B, HKV, S, 2 * D).to(a["k"].dtype).to(d)), r"\bk\b",
+     ("correct_kv_attention",), None),
+    ("v_S_mismatch", _set(v=lambda a, d: a["v"][:, :, :S - 1]), r"\bv\b", ("correct_kv_attention",), None),
+    ("v_rank5", _set(v=lambda a, d: a["v"][None]), r"\bv\b", ("correct_kv_attention",), None),
+    ("start_0d", _set(start=lambda a, d: i32(0, d)), r"start", ("correct_kv_attention",), None),
+    ("start_too_short", _set(start=lambda a, d: i32([0], d)), r"start", ("correct_kv_attention",), None),
+    # CUDA-only: 16-byte cp.async rows, grid limits (huge shapes as zero-stride views)
+    ("k_cache_misaligned_pointer", _set(k_cache=lambda a, d: misaligned(a["k_cache"])), r"k_cache", ALL, "cuda"),
+    ("v_cache_row_stride_not_8", _set(v_cache=lambda a, d: padded_rows(a["v_cache"])), r"v_cache", ALL, "cuda"),
+    ("batch_65536", _huge_batch(65536), r"q", ALL, "cuda"),
+    ("N_over_topk_grid", _expand_caches(n=1 << 30), r"k_cache", ("select_attention",), "cuda"),
 ]
 
 
 def _params():
     out = []
-    for name, mutate, arg, ops, cpu_only in CASES:
+    for name, mutate, arg, ops, only in CASES:
         for op in ops:
-            out.append(pytest.param(op, mutate, arg, cpu_only, id=f"{op}-{name}"))
+            out.append(pytest.param(op, mutate, arg, only, id=f"{op}-{name}"))
     return out
 
 
-@pytest.mark.parametrize("op,mutate,arg,cpu_only", _params())
-def test_bad_input_names_op_and_argument(op, mutate, arg, cpu_only, device):
-    if cpu_only and device != "cpu":
+@pytest.mark.parametrize("op,mutate,arg,only", _params())
+def test_bad_input_names_op_and_argument(op, mutate, arg, only, device):
+    if only == "cpu" and device != "cpu":
         pytest.skip("value checks read data: CPU only (CUDA kernels clamp instead of syncing)")
+    if only == "cuda" and device != "cuda":
+        pytest.skip("a CUDA-only limit (valid on CPU)")
     dtype = torch.float32 if device == "cpu" else torch.float16
     args = base_args(op, device, dtype)
     call(op, dict(args))  # the unmodified arguments are valid
@@ -269,3 +346,53 @@ def test_seq_len_zero_rows(mode, device):
     indices = torch.tensor([[[0, 5, 9]] * HQ] * 3, dtype=torch.int32, device=device)
     out = OPS.sparse_attention(q, kc, vc, indices, sl)
     assert (out[1] == 0).all() and torch.isfinite(out).all()
+
+
+def test_out_of_range_indices_are_skipped(device):
+    """ops.h: index entries < 0 or >= seq_len (int32's extremes included) are skipped, never read:
+    the output equals that of the same rows with -1 in those slots. No valid entry, or K = 0: zeros."""
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    a = base_args("sparse_attention", device, dtype)
+    idx = a["indices"]
+    junk = i32([-(1 << 31), (1 << 31) - 1, N, N + 1, -7], device)
+    swap = torch.rand(idx.shape, device=device) < 0.5
+    a["indices"] = torch.where(swap, junk[torch.randint(0, 5, idx.shape, device=device)], idx)
+    extreme = call("sparse_attention", a)
+    a["indices"] = torch.where(swap, torch.full_like(idx, -1), idx)
+    assert torch.equal(extreme, call("sparse_attention", a))
+    for none_valid in (junk[torch.randint(0, 5, idx.shape, device=device)], idx[..., :0]):
+        a["indices"] = none_valid
+        assert (call("sparse_attention", a) == 0).all()
+
+
+@pytest.mark.parametrize("n", [N, 0], ids=["N16", "N0"])
+def test_correct_kv_empty_chunk(n, device):
+    """S = 0 (also with N = 0): an empty [B, Hq, 0, D] output, the caches untouched."""
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    r = lambda *s: torch.randn(*s).to(dtype).to(device)  # noqa: E731
+    kc, vc = r(B, HKV, n, D), r(B, HKV, n, D)
+    k0, v0 = kc.clone(), vc.clone()
+    out = OPS.correct_kv_attention(r(B, HQ, 0, D), r(B, HKV, 0, D), r(B, HKV, 0, D), kc, vc, i32([0, n], device))
+    assert out.shape == (B, HQ, 0, D) and out.dtype == dtype
+    assert torch.equal(kc, k0) and torch.equal(vc, v0)
+
+
+@pytest.mark.parametrize("op", OP_NAMES)
+def test_strided_small_arguments_are_accepted(op, device):
+    """seq_lens, start and indices of any strides (here a stride-2 last dim; the launchers make them
+    contiguous) give exactly the results of their contiguous copies."""
+    dtype = torch.float32 if device == "cpu" else torch.float16
+    a = base_args(op, device, dtype)
+    strided = dict(a)
+    for key in ("seq_lens", "start", "indices"):
+        if key in a:
+            strided[key] = strided_last(a[key])
+            assert strided[key].stride(-1) == 2
+    if op == "correct_kv_attention":
+        for key in ("k_cache", "v_cache"):
+            strided[key] = a[key].clone()
+    res, res_s = call(op, a), call(op, strided)
+    for x, y in zip(res if isinstance(res, tuple) else (res,), res_s if isinstance(res_s, tuple) else (res_s,)):
+        assert torch.equal(x, y)
+    if op == "correct_kv_attention":
+        assert torch.equal(a["k_cache"], strided["k_cache"]) and torch.equal(a["v_cache"], strided["v_cache"])

@@ -358,6 +358,42 @@ def test_enable_rejects_select_layer_beyond_model(kwargs):
     assert all(not hasattr(m, "tidal_state") for m in model.modules())
 
 
+def _assert_untouched(model):
+    assert model.config._attn_implementation == "sdpa"
+    assert not hasattr(model, "tidal_state")
+    assert all(not hasattr(m, "tidal_state") for m in model.modules())
+
+
+@pytest.mark.parametrize("head_dim", [48, 16])
+def test_enable_rejects_head_dim_the_kernels_lack(head_dim):
+    """Every op would reject it at the first decode token (CPU and CUDA share the head dims)."""
+    model = make_model("llama", "sdpa", head_dim=head_dim)
+    with pytest.raises(ValueError, match=rf"tidal_ext.hf.enable: head_dim: expected one of .*got {head_dim}"):
+        tidal_ext.hf.enable(model, tidal_ext.TidalConfig(top_k=8, select_layers=(1,)))
+    _assert_untouched(model)
+
+
+@pytest.mark.parametrize("top_k,select,max_cache_len,match", [
+    (513, (1,), None, r"top_k: expected <= max_position_embeddings = 512.*got 513"),
+    (65, (1,), 64, r"top_k: expected <= max_cache_len = 64.*got 65"),
+    (8, (1,), 0, r"max_cache_len: expected >= 1"),
+])
+def test_enable_rejects_budget_beyond_capacity(top_k, select, max_cache_len, match):
+    model = make_model("llama", "sdpa")  # max_position_embeddings 512
+    with pytest.raises(ValueError, match=match):
+        tidal_ext.hf.enable(model, tidal_ext.TidalConfig(top_k=top_k, select_layers=select), max_cache_len=max_cache_len)
+    _assert_untouched(model)
+
+
+@pytest.mark.parametrize("top_k,select,max_cache_len", [
+    (512, (1,), None), (64, (1,), 64), (4096, (), 64),  # at the limits; no select layers: top_k unused
+])
+def test_enable_accepts_budget_within_capacity(top_k, select, max_cache_len):
+    model = make_model("llama", "sdpa")
+    tidal_ext.hf.enable(model, tidal_ext.TidalConfig(top_k=top_k, select_layers=select), max_cache_len=max_cache_len)
+    assert model.tidal_state.config.top_k == top_k
+
+
 @pytest.mark.parametrize("kwargs,match", [
     (dict(top_k=0), "top_k"), (dict(mode="bogus"), "mode"), (dict(select_layers=(3, 1)), "select_layers"),
     (dict(select_layers=(2, 2)), "select_layers"), (dict(select_layers=(-1,)), "select_layers"),

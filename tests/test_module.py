@@ -394,6 +394,54 @@ def test_misuse_errors_name_tidal_attention():
         TidalAttention(0, 4, 3, 64)
 
 
+def _cuda_or_meta():
+    return "cuda" if torch.cuda.is_available() else "meta"
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda m: m.allocate_cache(-1, 8, torch.float32, "cpu"), r"allocate_cache: batch: expected >= 0, got -1"),
+    (lambda m: m.allocate_cache(1, -2, torch.float32, "cpu"), r"allocate_cache: capacity: .*got -2"),
+    (lambda m: m.allocate_cache(1, 1 << 31, torch.float16, "cpu"), r"allocate_cache: capacity: .*2147483648"),
+    (lambda m: m.allocate_cache(1, 8, torch.float64, "cpu"), r"allocate_cache: dtype: .*Double"),
+    (lambda m: m.set_cache(torch.zeros(1, HKV, 8, D, dtype=torch.int32), torch.zeros(1, HKV, 8, D, dtype=torch.int32)),
+     r"set_cache: k_cache: expected dtype .*Int"),
+    (lambda m: m.set_cache(torch.zeros(1, HKV, 8, D), torch.zeros(1, HKV, 8, D, dtype=torch.bfloat16)),
+     r"set_cache: v_cache: expected dtype Float .*BFloat16"),
+    (lambda m: m.set_cache(torch.zeros(1, HKV, 8, D), torch.zeros(1, HKV, 8, D, device=_cuda_or_meta())),
+     r"set_cache: v_cache: expected device cpu"),
+    (lambda m: m.set_cache(torch.zeros(1, HKV, 8, 2 * D)[..., ::2], torch.zeros(1, HKV, 8, D)),
+     r"set_cache: k_cache: expected a contiguous last dim"),
+], ids=["batch", "capacity", "capacity_2e31", "dtype", "set_int32", "set_v_dtype", "set_v_device", "set_strided"])
+def test_cache_misconfiguration_fails_when_attached(call, match):
+    """What every op would reject at the first token is rejected by allocate_cache / set_cache."""
+    m = make_layer(seed=9)
+    with pytest.raises(RuntimeError, match=rf"tidal.TidalAttention.{match}"):
+        call(m)
+    assert m.k_cache is None and m.v_cache is None  # nothing attached
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA dtypes")
+def test_float32_cuda_cache_fails_when_attached():
+    m = make_layer(seed=9)
+    with pytest.raises(RuntimeError, match=r"allocate_cache: dtype: expected dtype Half or BFloat16 on CUDA"):
+        m.allocate_cache(1, 8, torch.float32, "cuda")
+    with pytest.raises(RuntimeError, match=r"set_cache: k_cache: expected dtype Half or BFloat16 on CUDA"):
+        m.set_cache(torch.zeros(1, HKV, 8, D, device="cuda"), torch.zeros(1, HKV, 8, D, device="cuda"))
+
+
+def test_construction_and_first_call_checks():
+    """A non-finite scale fails at construction; a layer beyond the context's layers at its prefill
+    (before any decode token)."""
+    with pytest.raises(RuntimeError, match=r"tidal.TidalAttention: scale: expected a finite number"):
+        TidalAttention(0, HQ, HKV, D, scale=float("inf"))
+    m = make_layer(layer_idx=3, seed=10)
+    m.allocate_cache(1, 8, torch.float32, "cpu")
+    ctx = DecodeContext(TidalConfig(top_k=4, select_layers=()), 3)
+    ctx.begin_prefill(lens([2], "cpu"))
+    with pytest.raises(RuntimeError, match=r"TidalAttention.prefill: ctx: expected .*layer_idx = 3.*got 3 layers"):
+        m.prefill(torch.randn(1, 2, HIDDEN), ctx)
+
+
 # ------------------------------------------------------------------------------------------------
 # independence
 # ------------------------------------------------------------------------------------------------

@@ -24,6 +24,16 @@ the model's Cache (DynamicCache or StaticCache) returned, and calls the tidal op
   the last S tokens are re-run through the model with full attention, layer by layer
   (correct_kv_attention rewrites their K/V in the cache). A forward pre-hook on the model does it.
 
+Misconfiguration fails in ``enable`` (a ValueError or RuntimeError naming the field), never at the
+first token: a select layer beyond the model's layers; a head_dim the tidal kernels don't have
+(``tidal_ext._C.HEAD_DIMS``, the same set on CPU and CUDA, so it is checked on every device);
+with select layers, a top_k above ``max_position_embeddings`` or above the ``max_cache_len`` passed
+to ``enable`` (a budget no context can exceed never selects anything: every layer would be full
+attention plus the selection's cost). A StaticCache created by ``generate()`` is not checked
+against top_k at its first prefill: a generation shorter than top_k is full attention by design
+(every valid token kept, the tests' "full budget equals sdpa" cases), so only a capacity declared
+up front can make the budget useless.
+
 State lives in a ``TidalState`` shared by the attention modules of one model (set by ``enable``):
 nothing global, two models in one process don't interfere. A generation must start with a prefill
 on an empty cache (continuing on a filled cache is not supported).
@@ -39,6 +49,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from . import _C
 from .config import TidalConfig
 
 IMPLEMENTATION = "tidal"
@@ -179,10 +190,31 @@ def _correction_hook(state: TidalState):
     return hook
 
 
-def enable(model: torch.nn.Module, config: Optional[TidalConfig] = None) -> torch.nn.Module:
-    """Makes ``model`` decode with TidalDecode: validates ``config`` against the model's layer count,
-    attaches the shared state to every attention module, selects attn_implementation="tidal" and,
-    with correction_stride > 0, installs the correction pre-hook. Returns the model."""
+def _check_model(model: torch.nn.Module, config: TidalConfig, max_cache_len: Optional[int]) -> None:
+    """The enable-time checks of the model's shapes and the budget (see the module docstring)."""
+    mc = model.config
+    head_dim = getattr(mc, "head_dim", None) or mc.hidden_size // mc.num_attention_heads
+    if head_dim not in _C.HEAD_DIMS:
+        raise ValueError(f"tidal_ext.hf.enable: head_dim: expected one of {tuple(_C.HEAD_DIMS)} (the tidal kernels' "
+                         f"head dims), got {head_dim}")
+    if max_cache_len is not None and max_cache_len < 1:
+        raise ValueError(f"tidal_ext.hf.enable: max_cache_len: expected >= 1 or None, got {max_cache_len}")
+    if not config.select_layers:  # all layers full: top_k is unused
+        return
+    for name, cap in (("max_position_embeddings", getattr(mc, "max_position_embeddings", None)),
+                      ("max_cache_len", max_cache_len)):
+        if cap is not None and config.top_k > cap:
+            raise ValueError(f"tidal_ext.hf.enable: top_k: expected <= {name} = {cap} (a larger budget never "
+                             f"selects: every layer would attend to every token), got {config.top_k}")
+
+
+def enable(model: torch.nn.Module, config: Optional[TidalConfig] = None,
+           max_cache_len: Optional[int] = None) -> torch.nn.Module:
+    """Makes ``model`` decode with TidalDecode: validates ``config`` against the model (layer count,
+    head_dim, top_k vs max_position_embeddings and the optional ``max_cache_len``, the capacity of the
+    StaticCache the caller will generate with), attaches the shared state to every attention module,
+    selects attn_implementation="tidal" and, with correction_stride > 0, installs the correction
+    pre-hook. Returns the model. A failed check leaves the model unchanged."""
     config = config or TidalConfig()
     num_layers = model.config.num_hidden_layers
     window = getattr(model.config, "sliding_window", None)
@@ -194,6 +226,7 @@ def enable(model: torch.nn.Module, config: Optional[TidalConfig] = None) -> torc
     if len(layers) != num_layers:
         raise ValueError(f"tidal_ext.hf.enable: found {len(layers)} attention modules with layer_idx, "
                          f"expected num_hidden_layers = {num_layers}")
+    _check_model(model, config, max_cache_len)
     state = TidalState(config, num_layers)
     for m in layers:
         m.tidal_state = state

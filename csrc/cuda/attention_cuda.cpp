@@ -30,6 +30,14 @@ void check_rows_aligned(const char* op, const char* arg, const at::Tensor& cache
                   c10::str("strides ", cache.strides(), ", storage offset ", cache.storage_offset()));
 }
 
+// Grid limits that remain (CUDA caps grid y and z at 65535): the batch is grid z of the attention
+// kernel and of correct_kv's cache write (whose grid y is the KV heads), the top-k chunks of a row
+// (N / kTopkChunk) grid y of the top-k kernels. Row tiles, merge rows and selection rows use grid x
+// (2^31 - 1; a B * Hq * S * D output reaches memory limits first), so Hq, S and B * Hsel are free.
+void check_batch_limit(const char* op, int64_t B) {
+  TIDAL_CHECK_ARG(B <= 65535, op, "q", "batch B <= 65535 on CUDA (a grid dimension)", B);
+}
+
 void check_launch(const char* op, const char* err) {
   TORCH_CHECK(err == nullptr, "tidal.", op, ": CUDA kernel launch failed: ", err);
 }
@@ -65,7 +73,6 @@ kernels::AttnParams attn_params(const Src& d) {
 // Plans the splits, allocates the split workspace and runs attention + merge into `out`.
 void run_attention(const char* op, kernels::AttnParams& p, kc::DType dtype, int64_t D, int64_t positions,
                    const at::Tensor& q, at::Tensor& out, float* lse) {
-  TIDAL_CHECK_ARG(p.B <= 65535, op, "q", "batch B <= 65535 on CUDA", p.B);
   kc::plan_splits(p, dtype, D, positions, q.get_device());
   const auto f32 = q.options().dtype(at::kFloat);
   at::Tensor part_o = at::empty({p.B * p.Hq * p.S * p.splits * D}, f32);
@@ -87,6 +94,7 @@ CudaDecode prepare(const char* op, const at::Tensor& q, const at::Tensor& k_cach
   CudaDecode c{prepare_decode(op, q, k_cache, v_cache, seq_lens, scale), cuda_dtype(op, q), {}};
   check_rows_aligned(op, "k_cache", k_cache);
   check_rows_aligned(op, "v_cache", v_cache);
+  check_batch_limit(op, c.launch.params.B);
   c.params = attn_params(c.launch.params);
   c.params.seq_lens = c.launch.params.seq_lens;
   return c;
@@ -113,6 +121,10 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   const c10::DeviceGuard guard(q.device());
   CudaDecode c = prepare(op, q, k_cache, v_cache, seq_lens, scale);
   kernels::AttnParams& p = c.params;
+  const int64_t chunks = std::max<int64_t>(1, (p.N + kernels::kTopkChunk - 1) / kernels::kTopkChunk);
+  TIDAL_CHECK_ARG(chunks <= 65535, op, "k_cache",
+                  c10::str("a capacity N <= ", 65535 * kernels::kTopkChunk, " on CUDA (top-k chunks are a grid dimension)"),
+                  p.N);
   const auto f32 = q.options().dtype(at::kFloat);
   p.scores_ld = (p.N + 3) / 4 * 4;  // 16-byte rows for the top-k kernel's vector loads
   at::Tensor scores = at::empty({p.B, p.Hq, p.scores_ld}, f32);
@@ -136,8 +148,7 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   t.sink = sink;
   t.recent = recent;
   const int64_t rows = p.B * hsel;
-  TIDAL_CHECK_ARG(rows <= 65535, op, "q", "B * Hsel <= 65535 selection rows on CUDA", rows);
-  t.chunks = std::max<int64_t>(1, (p.N + kernels::kTopkChunk - 1) / kernels::kTopkChunk);
+  t.chunks = chunks;
   const auto i32 = q.options().dtype(at::kInt);
   // One zeroed buffer: the 3 passes' histograms, then the 3 passes' finished-CTA counters.
   at::Tensor hist = at::zeros({3 * rows * (kernels::kTopkBins + 1)}, i32);
@@ -176,6 +187,8 @@ at::Tensor correct_kv_attention(const at::Tensor& q, const at::Tensor& k, const 
   check_rows_aligned(op, "k_cache", k_cache);
   check_rows_aligned(op, "v_cache", v_cache);
   const kernels::CorrectParams& w = l.params;
+  check_batch_limit(op, w.B);  // before the cache write, the first launch
+  TIDAL_CHECK_ARG(w.Hkv <= 65535, op, "k_cache", "Hkv <= 65535 KV heads on CUDA (a grid dimension)", w.Hkv);
   void* stream = current_stream(q);
   check_launch(op, kc::launch_write_kv(w, dtype, stream));
 

@@ -17,7 +17,9 @@ const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, c
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
   const int64_t rows = p.B * p.Hq * p.S;
   if (rows == 0) return nullptr;
-  const dim3 grid(static_cast<unsigned>(p.splits), static_cast<unsigned>(p.row_groups() * p.m_tiles()),
+  // Row tiles in x (up to 2^31 - 1: a long correct_kv chunk has S * G / 16 tiles per KV head), the
+  // splits (<= kMaxSplits) in y, the batch (<= 65535, checked by the torch-side launcher) in z.
+  const dim3 grid(static_cast<unsigned>(p.row_groups() * p.m_tiles()), static_cast<unsigned>(p.splits),
                   static_cast<unsigned>(p.B));
   attention_split_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
   merge_splits_kernel<T, D><<<static_cast<unsigned>(rows), D, 0, stream>>>(p.part_o, p.part_ml, p.splits,

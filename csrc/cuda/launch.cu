@@ -62,7 +62,8 @@ const char* launch_topk(const TopkParams& p, void* stream) {
   const int64_t rows = p.B * p.Hsel;
   if (rows == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
-  const dim3 grid(static_cast<unsigned>(p.chunks), static_cast<unsigned>(rows));
+  // Selection rows in x (any count), chunks of a row in y (<= 65535, checked by the launcher).
+  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
   for (int pass = 0; pass < 3; ++pass) topk_hist_kernel<kTopkBlock><<<grid, kTopkBlock, 0, s>>>(p, pass);
   topk_count_kernel<kTopkBlock><<<grid, kTopkBlock, 0, s>>>(p);
   topk_write_kernel<kTopkBlock><<<grid, kTopkBlock, 0, s>>>(p);

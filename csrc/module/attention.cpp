@@ -1,6 +1,7 @@
 #include "tidal/attention.h"
 
 #include <cmath>
+#include <limits>
 
 #include <torch/nn/functional/linear.h>
 #include <torch/torch.h>
@@ -18,6 +19,12 @@ at::Tensor rotate_half(const at::Tensor& x) {
   return at::cat({-x.narrow(-1, half, half), x.narrow(-1, 0, half)}, -1);
 }
 
+// The cache dtypes the ops take on the cache's device (CPU: float too; CUDA: the tensor-core types).
+void check_cache_dtype(const char* op, const char* arg, at::ScalarType dt, bool cuda) {
+  TIDAL_CHECK_ARG(dt == at::kHalf || dt == at::kBFloat16 || (dt == at::kFloat && !cuda), op, arg,
+                  cuda ? "dtype Half or BFloat16 on CUDA" : "dtype Float, Half or BFloat16", dt);
+}
+
 }  // namespace
 
 TidalAttentionImpl::TidalAttentionImpl(const TidalAttentionOptions& o) : options_(o) {
@@ -28,6 +35,9 @@ TidalAttentionImpl::TidalAttentionImpl(const TidalAttentionOptions& o) : options
                   c10::str(o.num_heads, "/", o.num_kv_heads));
   TIDAL_CHECK_ARG(kernels::is_supported_head_dim(o.head_dim), op, "head_dim", "32, 64, 96, 128 or 256", o.head_dim);
   TIDAL_CHECK_ARG(o.hidden_size >= 0, op, "hidden_size", ">= 0 (0: no projections)", o.hidden_size);
+  // Checked here, not at the first op call that would reject it.
+  TIDAL_CHECK_ARG(!o.scale.has_value() || std::isfinite(*o.scale), op, "scale", "a finite number or none",
+                  o.scale.has_value() ? *o.scale : 0.0);
   if (o.hidden_size > 0) {
     auto linear = [&](int64_t in, int64_t out) { return torch::nn::Linear(torch::nn::LinearOptions(in, out).bias(false)); };
     q_proj_ = register_module("q_proj", linear(o.hidden_size, o.num_heads * o.head_dim));
@@ -56,6 +66,11 @@ void TidalAttentionImpl::set_projection_weights(const at::Tensor& q, const at::T
 
 
 void TidalAttentionImpl::allocate_cache(int64_t batch, int64_t capacity, const at::TensorOptions& tensor_options) {
+  constexpr const char* op = "TidalAttention.allocate_cache";
+  TIDAL_CHECK_ARG(batch >= 0, op, "batch", ">= 0", batch);
+  TIDAL_CHECK_ARG(capacity >= 0 && capacity <= std::numeric_limits<int32_t>::max(), op, "capacity",
+                  "0 <= capacity <= 2^31 - 1 (int32 positions)", capacity);
+  check_cache_dtype(op, "dtype", c10::typeMetaToScalarType(tensor_options.dtype()), tensor_options.device().is_cuda());
   const auto shape = {batch, options_.num_kv_heads, capacity, options_.head_dim};
   set_cache(torch::zeros(shape, tensor_options), torch::zeros(shape, tensor_options));
 }
@@ -68,6 +83,18 @@ void TidalAttentionImpl::set_cache(at::Tensor k_cache, at::Tensor v_cache) {
                     t.defined() ? c10::str(t.sizes()) : "undefined");
   }
   TIDAL_CHECK_ARG(k_cache.sizes() == v_cache.sizes(), op, "v_cache", c10::str("shape ", k_cache.sizes()), v_cache.sizes());
+  // What every op would reject at the first token, rejected here where the cache is attached.
+  const auto dt = k_cache.scalar_type();
+  check_cache_dtype(op, "k_cache", dt, k_cache.is_cuda());
+  TIDAL_CHECK_ARG(v_cache.scalar_type() == dt, op, "v_cache", c10::str("dtype ", dt, " (as k_cache)"),
+                  v_cache.scalar_type());
+  TIDAL_CHECK_ARG(v_cache.device() == k_cache.device(), op, "v_cache",
+                  c10::str("device ", k_cache.device(), " (as k_cache)"), v_cache.device());
+  for (const auto& [arg, t] : {std::pair<const char*, const at::Tensor&>{"k_cache", k_cache}, {"v_cache", v_cache}})
+    TIDAL_CHECK_ARG(t.stride(3) == 1 || t.size(3) <= 1, op, arg, "a contiguous last dim (stride 1)",
+                    c10::str("stride ", t.stride(3)));
+  TIDAL_CHECK_ARG(k_cache.size(2) <= std::numeric_limits<int32_t>::max(), op, "k_cache",
+                  "a capacity N <= 2^31 - 1 (int32 positions)", k_cache.size(2));
   k_cache_ = std::move(k_cache);
   v_cache_ = std::move(v_cache);
   tokens_bound_ = 0;
@@ -116,6 +143,11 @@ void TidalAttentionImpl::check_batch(const char* what, int64_t batch, const Deco
   TIDAL_CHECK_ARG(batch == k_cache_.size(0), op.c_str(), "batch", c10::str(k_cache_.size(0), " (the cache's)"), batch);
   const int64_t ctx_batch = ctx.seq_lens().size(0);
   TIDAL_CHECK_ARG(ctx_batch == batch, op.c_str(), "ctx", c10::str("lengths for ", batch, " sequences"), ctx_batch);
+  // Checked on every call, prefill included, so a layer beyond the context's model fails before the
+  // first decode token (where ctx.role would reject it).
+  TIDAL_CHECK_ARG(options_.layer_idx < ctx.num_layers(), op.c_str(), "ctx",
+                  c10::str("a context of more than layer_idx = ", options_.layer_idx, " layers"),
+                  c10::str(ctx.num_layers(), " layers"));
 }
 
 // Projections + rope for x [B, T, hidden] at positions start[b] + t, then the chunk attention.

@@ -5,7 +5,10 @@
 #include <torch/extension.h>
 #include <torch/script.h>
 
+#include <iterator>
+
 #include "tidal/attention.h"
+#include "tidal/kernels/params.h"
 
 namespace py = pybind11;
 
@@ -29,6 +32,11 @@ torch::Device as_device(const py::object& device) {
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "TidalDecode C++ extension: ops (torch.ops.tidal) and the TidalAttention layer";
+  // The head dims every op accepts (kernels::kHeadDims), for checks made before any op runs
+  // (tidal_ext.hf.enable).
+  py::tuple head_dims(std::size(tidal::kernels::kHeadDims));
+  for (size_t i = 0; i < head_dims.size(); ++i) head_dims[i] = tidal::kernels::kHeadDims[i];
+  m.attr("HEAD_DIMS") = head_dims;
   using Impl = tidal::TidalAttentionImpl;
   // The C++ layer; tidal_ext.TidalAttention (tidal_ext/module.py) wraps it as a torch.nn.Module
   // that owns the parameters and shares them with this object.

@@ -185,6 +185,10 @@ def main(argv: Optional[List[str]] = None):
     args = p.parse_args(argv)
 
     torch.manual_seed(args.seed)
+    # One thread here and in ts_run (it reads num_threads from data.pt): many-threaded BLAS may
+    # split a GEMM's reduction differently from one run to the next (seen on a 16-core machine),
+    # and the check is bit equality.
+    torch.set_num_threads(1)
     dtype = getattr(torch, args.dtype)
     select_layers = [int(s) for s in args.select_layers.split(",") if s]
     os.makedirs(args.out, exist_ok=True)

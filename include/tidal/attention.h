@@ -41,6 +41,9 @@ class TidalAttentionImpl : public torch::nn::Module {
   // Owned cache: zeros [batch, Hkv, capacity, D] with `tensor_options` (dtype, device).
   void allocate_cache(int64_t batch, int64_t capacity, const at::TensorOptions& tensor_options);
   // Borrowed cache (e.g. a slice of a model-wide buffer): [B, Hkv, N, D], last dim contiguous.
+  // Both reject here what the ops would reject at the first token: a dtype the device's kernels
+  // lack (CPU: float/half/bfloat16; CUDA: half/bfloat16), k/v of different dtypes or devices, a
+  // strided last dim, N > 2^31 - 1. (top_k > N is not an error: every token is kept.)
   void set_cache(at::Tensor k_cache, at::Tensor v_cache);
   const at::Tensor& k_cache() const { return k_cache_; }
   const at::Tensor& v_cache() const { return v_cache_; }

@@ -1004,6 +1004,32 @@ TEST(TidalAttention, ConstructorValidates) {
   EXPECT_TIDAL_ERROR(TidalAttention(with([](auto& o) { o.head_dim = 48; })), "TidalAttention", "head_dim", "48");
   EXPECT_TIDAL_ERROR(TidalAttention(with([](auto& o) { o.hidden_size = -1; })), "TidalAttention", "hidden_size");
   EXPECT_TIDAL_ERROR(TidalAttention(with([](auto& o) { o.max_positions = 0; })), "TidalAttention", "max_positions");
+  EXPECT_TIDAL_ERROR(TidalAttention(with([](auto& o) { o.scale = std::nan(""); })), "TidalAttention: scale", "nan");
+}
+
+// Misconfigured caches fail where they are attached, not at the first token.
+TEST(TidalAttention, AllocateCacheValidates) {
+  const Dims d;
+  TidalAttention layer(layer_options(d, 0));
+  EXPECT_TIDAL_ERROR(layer->allocate_cache(-1, 8, at::kFloat), "TidalAttention.allocate_cache: batch", "-1");
+  EXPECT_TIDAL_ERROR(layer->allocate_cache(1, -1, at::kFloat), "TidalAttention.allocate_cache: capacity", "-1");
+  EXPECT_TIDAL_ERROR(layer->allocate_cache(1, int64_t(1) << 31, at::kFloat), "TidalAttention.allocate_cache: capacity",
+                     "2147483648");
+  EXPECT_TIDAL_ERROR(layer->allocate_cache(1, 8, at::kDouble), "TidalAttention.allocate_cache: dtype", "Double");
+  EXPECT_FALSE(layer->k_cache().defined());
+}
+
+// A layer whose index lies beyond the context's model fails at its first call (the prefill), not
+// at the first decode step where the context's role() would reject it.
+TEST(TidalAttention, LayerBeyondTheContextFailsAtPrefill) {
+  torch::NoGradGuard no_grad;
+  const Dims d;
+  TidalAttention layer(layer_options(d, 2));
+  layer->allocate_cache(1, 16, at::kFloat);
+  DecodeContext ctx(cfg(4, {}), 2);
+  ctx.begin_prefill(ints({3}));
+  EXPECT_TIDAL_ERROR(layer->prefill(torch::randn({1, 3, d.hidden}), ctx), "TidalAttention.prefill: ctx",
+                     "layer_idx = 2", "2 layers");
 }
 
 TEST(TidalAttention, UseBeforeCacheNamesTheLayer) {
@@ -1115,6 +1141,14 @@ TEST(TidalAttention, SetCacheValidates) {
                      "TidalAttention.set_cache", "v_cache");
   EXPECT_TIDAL_ERROR(layer->set_cache(at::Tensor(), at::zeros({1, 2, 8, d.D})), "TidalAttention.set_cache", "k_cache",
                      "undefined");
+  EXPECT_TIDAL_ERROR(layer->set_cache(at::zeros({1, 2, 8, d.D}, at::kDouble), at::zeros({1, 2, 8, d.D}, at::kDouble)),
+                     "TidalAttention.set_cache: k_cache", "Double");
+  EXPECT_TIDAL_ERROR(layer->set_cache(at::zeros({1, 2, 8, d.D}), at::zeros({1, 2, 8, d.D}, at::kHalf)),
+                     "TidalAttention.set_cache: v_cache", "Half");
+  EXPECT_TIDAL_ERROR(layer->set_cache(at::zeros({1, 2, 8, d.D}), at::zeros({1, 2, 8, d.D}, at::Device(at::kMeta))),
+                     "TidalAttention.set_cache: v_cache", "device");
+  EXPECT_TIDAL_ERROR(layer->set_cache(at::zeros({1, 2, 8, 2 * d.D}).slice(3, 0, 2 * d.D, 2), at::zeros({1, 2, 8, d.D})),
+                     "TidalAttention.set_cache: k_cache", "stride 2");
   EXPECT_FALSE(layer->k_cache().defined());
 }
 

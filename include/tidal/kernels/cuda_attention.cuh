@@ -114,9 +114,11 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
   int32_t* sPos = reinterpret_cast<int32_t*>(sV + kStages * Smem::kTileElems);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int64_t split = blockIdx.x, b = blockIdx.z;
+  // Grid: x = row group x m tile (can exceed 65535: a long correct_kv chunk), y = split (<= kMaxSplits),
+  // z = batch row (<= 65535, checked on the host).
+  const int64_t split = blockIdx.y, b = blockIdx.z;
   const int64_t m_tiles = p.m_tiles();
-  const int64_t rg = blockIdx.y / m_tiles, mt = blockIdx.y % m_tiles;
+  const int64_t rg = blockIdx.x / m_tiles, mt = blockIdx.x % m_tiles;
   const int64_t Gr = p.rows_per_group, rows = p.rows_per_cta_group();
   const int64_t G = p.Hq / p.Hkv;
   const int64_t kvh = (rg * Gr) / G;
@@ -475,7 +477,7 @@ template <int kBlock>
 __global__ void __launch_bounds__(kBlock) topk_hist_kernel(const TopkParams p, int pass) {
   __shared__ int hist[kTopkBins];
   __shared__ bool last;
-  const int64_t r = blockIdx.y, chunk = blockIdx.x;
+  const int64_t r = blockIdx.x, chunk = blockIdx.y;  // rows in x (any count), chunks in y
   const TopkRow row = topk_row(p, r);
   if (row.trivial) return;
   const int64_t t0 = chunk * kTopkChunk;
@@ -550,7 +552,7 @@ template <int kBlock>
 __global__ void __launch_bounds__(kBlock) topk_count_kernel(const TopkParams p) {
   using Reduce = cub::BlockReduce<int, kBlock>;
   __shared__ typename Reduce::TempStorage red_tmp;
-  const int64_t r = blockIdx.y, chunk = blockIdx.x;
+  const int64_t r = blockIdx.x, chunk = blockIdx.y;  // rows in x (any count), chunks in y
   const TopkRow row = topk_row(p, r);
   if (row.trivial) return;
   uint32_t cut;
@@ -595,7 +597,7 @@ __global__ void __launch_bounds__(kBlock) topk_write_kernel(const TopkParams p) 
   __shared__ typename Scan::TempStorage scan_tmp;
   __shared__ int64_t sh_offset, sh_eq_before;
   constexpr int kItems = 8;
-  const int64_t r = blockIdx.y, chunk = blockIdx.x;
+  const int64_t r = blockIdx.x, chunk = blockIdx.y;  // rows in x (any count), chunks in y
   const TopkRow row = topk_row(p, r);
   int32_t* out = p.indices + r * p.top_k;
   const int tid = threadIdx.x;
