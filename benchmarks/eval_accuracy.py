@@ -7,9 +7,11 @@
   room for the answer), --cases prompts per (context, depth) cell in one batch through generate()
   (greedy). The assistant turn is started with "The pass key is ", so the answer is the next few
   tokens; a case counts when the first 5-digit number of the answer is the key. Methods: full
-  attention (sdpa), TidalDecode head and group mode with select layers (2, R) at each budget k, and
-  a StreamingLLM-style baseline at the same k (every layer attends to the first 4 and the last k-4
-  cached tokens at decode).
+  attention (sdpa), TidalDecode head and group mode with select layers (2, R) at each budget k, the
+  same with a window ("tidal_window": the first 4 and the last k/4 tokens always kept), and a
+  StreamingLLM-style baseline at the same k (every layer attends to the first 4 and the last k-4
+  cached tokens at decode). The prefill (full attention for every method) predicts the first digit;
+  the others come from decode steps.
 * Perplexity: windows of license text, a prefix of --ppl-prefix tokens prefilled in one call (full
   attention for every method), then --ppl-tokens 1-token decode steps fed the true tokens; the
   perplexity is over the tokens those decode steps predict.
