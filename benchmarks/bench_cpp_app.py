@@ -13,6 +13,8 @@ import tempfile
 
 import torch
 
+from bench_ops import card_name
+
 APP = os.path.join("build", "examples", "cpp_decode", "tidal_decode")
 
 
@@ -47,9 +49,7 @@ def main():
                     rows.append({"B": B, "N": N, "mode": mode, "projections": projections == "on",
                                  "cuda_graph": graph, "ms_full": r["ms_full"], "ms_tidal": r["ms_tidal"],
                                  "speedup": r["ms_full"] / r["ms_tidal"]})
-    card = "h200" if "H200" in torch.cuda.get_device_name() else "h100" if "H100" in torch.cuda.get_device_name() \
-        else torch.cuda.get_device_name()
-    result = {"card": card, "device": torch.cuda.get_device_name(), "date": str(datetime.date.today()),
+    result = {"card": card_name(), "device": torch.cuda.get_device_name(), "date": str(datetime.date.today()),
               "torch": torch.__version__, "layers": 32, "Hq": 32, "Hkv": 8, "D": 128, "dtype": "bfloat16",
               "top_k": 2048, "select_layers": [2, 13], "rows": rows}
     with open(args.out, "w") as f:

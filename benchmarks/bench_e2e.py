@@ -38,7 +38,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tidal_ext  # noqa: E402
 import tidal_ext.hf  # noqa: E402
-from bench_ops import card_name, copy_tbps, unique_rows  # noqa: E402
+from bench_ops import capture_graph, card_name, copy_tbps, unique_rows  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
@@ -150,15 +150,7 @@ class Decoder:
             self.step()
         run = self.step
         if graph and cuda:
-            s = torch.cuda.Stream()
-            s.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(s):
-                self.step()
-            torch.cuda.current_stream().wait_stream(s)
-            g = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(g):
-                self.step()
-            run = g.replay
+            run = capture_graph(self.step, warmup=1).replay
             self.reset()
             for _ in range(3):
                 run()

@@ -58,17 +58,23 @@ def time_ms(fn, n_rot, iters=30, warmup=5):
     return statistics.median(times)
 
 
-def graph_ms(fn, iters=20):
-    """Median time of replaying a CUDA graph of fn() (launch gaps removed)."""
+def capture_graph(fn, warmup=2):
+    """A CUDA graph of fn(), after `warmup` calls on a side stream (allocator, cuDNN plans)."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
-        for _ in range(2):
+        for _ in range(warmup):
             fn()
     torch.cuda.current_stream().wait_stream(s)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         fn()
+    return g
+
+
+def graph_ms(fn, iters=20):
+    """Median time of replaying a CUDA graph of fn() (launch gaps removed)."""
+    g = capture_graph(fn)
     return time_ms(lambda i: g.replay(), 1, iters=iters, warmup=3)
 
 

@@ -45,7 +45,7 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 import tidal_ext
 import tidal_ext.hf
 from tidal_ext import calibrate
-from tidal_ext.hf import _attention_modules, _compact_prompt, _positions, _valid
+from tidal_ext.hf import _attention_modules, _positions, compact_prefill, decode_lengths
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 from generate_demo import haystack_text, random_model  # noqa: E402
@@ -69,29 +69,20 @@ def streaming_attention_forward(module, query, key, value, attention_mask, scali
     """Prefill: full attention (sdpa), then the compact cache layout of tidal_ext.hf (left padding
     moved to the back). Decode: every layer attends to the first SINK and the last top_k - SINK
     valid tokens (sparse_attention with indices built on the device from seq_lens, -1 where a
-    sequence is shorter). seq_lens and the new token's cache slot are derived as tidal_ext.hf does."""
+    sequence is shorter). The cache layout and seq_lens are tidal_ext.hf's (the same helpers)."""
     top_k = module.streaming_top_k
     batch, _, q_len, _ = query.shape
     if q_len > 1:
         out, _ = sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                         **kwargs)
-        if attention_mask is not None:
-            _compact_prompt(key, value, q_len - _valid(attention_mask[:, 0, -1, :q_len]).sum(-1), q_len)
+        compact_prefill(key, value, attention_mask, q_len)
         return out, None
-    if attention_mask is not None:
-        valid = _valid(attention_mask[:, 0, -1, :]).to(torch.long)
-        seq_lens = valid.sum(-1)
-        last = (valid * torch.arange(1, valid.shape[-1] + 1, device=valid.device)).amax(-1) - 1
-        rows = torch.arange(batch, device=key.device)
-        key[rows, :, seq_lens - 1] = key[rows, :, last]
-        value[rows, :, seq_lens - 1] = value[rows, :, last]
-    else:
-        seq_lens = _positions(kwargs.get("position_ids"), batch, 1, query.device)[:, 0] + 1
+    seq_lens = decode_lengths(key, value, attention_mask, _positions(kwargs.get("position_ids"), batch, 1, query.device))
     j = torch.arange(top_k, device=key.device)[None, :]
     n = seq_lens[:, None]
     idx = torch.where(n > top_k, torch.where(j < SINK, j, n - top_k + j), torch.where(j < n, j, -1))
     idx = idx.to(torch.int32)[:, None, :].expand(batch, key.shape[1], top_k).contiguous()  # a row per KV head
-    out = torch.ops.tidal.sparse_attention(query[:, :, 0], key, value, idx, seq_lens.to(torch.int32), scaling)
+    out = torch.ops.tidal.sparse_attention(query[:, :, 0], key, value, idx, seq_lens, scaling)
     return out[:, None], None
 
 

@@ -67,9 +67,11 @@ if has sanitize; then
   done
   "$PY" - "$OUT" <<'PYEOF'
 import datetime, json, re, sys, torch
+sys.path.insert(0, "benchmarks")
+from bench_ops import card_name
 out = sys.argv[1]
 name = torch.cuda.get_device_name()
-result = {"card": next((t.lower() for t in ("H200", "H100") if t in name), name), "device": name,
+result = {"card": card_name(), "device": name,
           "date": str(datetime.date.today()), "tools": [], "tests": 0, "errors": 0, "runs": []}
 for tool in ("memcheck", "racecheck"):
     log = open(f"{out}/{tool}.log").read()

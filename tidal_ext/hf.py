@@ -95,6 +95,32 @@ def _compact_prompt(key: torch.Tensor, value: torch.Tensor, pad: torch.Tensor, q
         cache[:, :, :q_len].copy_(torch.gather(cache[:, :, :q_len], 2, idx))
 
 
+def compact_prefill(key: torch.Tensor, value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                    q_len: int) -> None:
+    """After a prefill: with left padding (the prompt's last mask row marks the real tokens), each
+    sequence's prompt rows move to the front of its cache rows."""
+    if attention_mask is not None:
+        pad = q_len - _valid(attention_mask[:, 0, -1, :q_len]).sum(-1)
+        _compact_prompt(key, value, pad, q_len)
+
+
+def decode_lengths(key: torch.Tensor, value: torch.Tensor, attention_mask: Optional[torch.Tensor],
+                   pos: torch.Tensor) -> torch.Tensor:
+    """At a decode step: each sequence's valid length (int32 [B]), with the new token's K/V moved
+    from the cache slot it was written to onto position seq_len - 1 (the compact layout)."""
+    if attention_mask is None:  # no padding: the cache slot is the position
+        return (pos[:, 0] + 1).to(torch.int32)
+    valid = _valid(attention_mask[:, 0, -1, :]).to(torch.long)  # [B, kv]: this token's valid positions
+    seq_lens = valid.sum(-1).to(torch.int32)
+    slots = torch.arange(1, valid.shape[-1] + 1, device=valid.device)
+    last = (valid * slots).amax(-1) - 1  # the slot the cache wrote: the row's last valid position
+    rows = torch.arange(key.shape[0], device=key.device)
+    dst = seq_lens.to(torch.long) - 1
+    key[rows, :, dst] = key[rows, :, last]
+    value[rows, :, dst] = value[rows, :, last]
+    return seq_lens
+
+
 def tidal_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                             attention_mask: Optional[torch.Tensor], scaling: Optional[float] = None,
                             dropout: float = 0.0, **kwargs):
@@ -120,24 +146,11 @@ def tidal_attention_forward(module: torch.nn.Module, query: torch.Tensor, key: t
                                         **kwargs)
         if layer == 0:
             state.reset()
-        if attention_mask is not None:  # left padding: the prompt's last row marks the real tokens
-            pad = q_len - _valid(attention_mask[:, 0, -1, :q_len]).sum(-1)
-            _compact_prompt(key, value, pad, q_len)
+        compact_prefill(key, value, attention_mask, q_len)
         state.caches[layer] = (key, value)
         return out, None
 
-    # decode: one token per sequence
-    if attention_mask is not None:
-        valid = _valid(attention_mask[:, 0, -1, :]).to(torch.long)  # [B, kv]: this token's valid positions
-        seq_lens = valid.sum(-1).to(torch.int32)
-        slots = torch.arange(1, valid.shape[-1] + 1, device=valid.device)
-        last = (valid * slots).amax(-1) - 1  # the slot the cache wrote: the row's last valid position
-        rows = torch.arange(batch, device=key.device)
-        dst = seq_lens.to(torch.long) - 1
-        key[rows, :, dst] = key[rows, :, last]
-        value[rows, :, dst] = value[rows, :, last]
-    else:  # no padding: the cache slot is the position
-        seq_lens = (pos[:, 0] + 1).to(torch.int32)
+    seq_lens = decode_lengths(key, value, attention_mask, pos)  # decode: one token per sequence
     state.caches[layer] = (key, value)
     q = query[:, :, 0]
     role = state.roles[layer]
