@@ -46,11 +46,14 @@ def test_long_context_select_decode_sparse(B, N, lens, mode):
     assert_accurate(sparse, ref_sparse, baseline_sparse(q, k0, v0, idx, lens), torch.bfloat16, f"sparse {mode}")
 
 
+@pytest.mark.parametrize("top_k", [3000, 30000])
 @pytest.mark.parametrize("mode", ["head", "group"])
-def test_select_ties_across_top_k_chunks(mode):
-    """Integer-valued scores: many exact ties at the cut, spread over several top-k CTAs (chunks
-    of 4096 positions); ties must go to the lowest positions, exactly as in the reference."""
-    B, N, top_k = 2, 3 * 4096 + 100, 3000
+def test_select_ties_across_top_k_chunks(mode, top_k):
+    """Integer-valued scores: many exact ties at the cut, spread over the CTAs of a row's top-k
+    cluster (4 chunks of 16384 positions); ties must go to the lowest positions, exactly as in the
+    reference. top_k 3000 keeps each CTA's possible winners in its shared-memory list; 30000 (the
+    cut near the median) overflows the list and takes the re-scanning path."""
+    B, N = 2, 3 * 16384 + 100
     q = torch.randint(-1, 2, (B, HQ, D), device="cuda").to(torch.bfloat16)
     k = torch.randint(-1, 2, (B, HKV, N, D), device="cuda").to(torch.bfloat16)
     v = torch.randn(B, HKV, N, D, device="cuda", dtype=torch.bfloat16)

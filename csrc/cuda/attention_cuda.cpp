@@ -31,9 +31,9 @@ void check_rows_aligned(const char* op, const char* arg, const at::Tensor& cache
 }
 
 // Grid limits that remain (CUDA caps grid y and z at 65535): the batch is grid z of the attention
-// kernel and of correct_kv's cache write (whose grid y is the KV heads), the top-k chunks of a row
-// (N / kTopkChunk) grid y of the top-k kernels. Row tiles, merge rows and selection rows use grid x
-// (2^31 - 1; a B * Hq * S * D output reaches memory limits first), so Hq, S and B * Hsel are free.
+// kernel, of the top-k kernel and of correct_kv's cache write (whose grid y is the KV heads). Row
+// tiles, merge rows and top-k CTAs use grid x (2^31 - 1; a B * Hq * S * D output reaches memory
+// limits first).
 void check_batch_limit(const char* op, int64_t B) {
   TIDAL_CHECK_ARG(B <= 65535, op, "q", "batch B <= 65535 on CUDA (a grid dimension)", B);
 }
@@ -121,43 +121,33 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   const c10::DeviceGuard guard(q.device());
   CudaDecode c = prepare(op, q, k_cache, v_cache, seq_lens, scale);
   kernels::AttnParams& p = c.params;
-  const int64_t chunks = std::max<int64_t>(1, (p.N + kernels::kTopkChunk - 1) / kernels::kTopkChunk);
-  TIDAL_CHECK_ARG(chunks <= 65535, op, "k_cache",
-                  c10::str("a capacity N <= ", 65535 * kernels::kTopkChunk, " on CUDA (top-k chunks are a grid dimension)"),
-                  p.N);
-  const auto f32 = q.options().dtype(at::kFloat);
-  p.scores_ld = (p.N + 3) / 4 * 4;  // 16-byte rows for the top-k kernel's vector loads
-  at::Tensor scores = at::empty({p.B, p.Hq, p.scores_ld}, f32);
-  at::Tensor lse = group ? at::empty({p.B, p.Hq}, f32) : at::Tensor();
   const int64_t hsel = group ? p.Hkv : p.Hq;
-  at::Tensor indices = at::empty({p.B, hsel, top_k}, q.options().dtype(at::kInt));
-  p.scores = scores.data_ptr<float>();
-  run_attention(op, p, c.dtype, c.launch.params.D, p.N, q, c.launch.out, group ? lse.data_ptr<float>() : nullptr);
-
   kernels::TopkParams t;
-  t.scores = scores.data_ptr<float>();
-  t.lse = group ? lse.data_ptr<float>() : nullptr;
-  t.seq_lens = p.seq_lens;
-  t.indices = indices.data_ptr<int32_t>();
   t.B = p.B;
   t.Hq = p.Hq;
   t.Hsel = hsel;
   t.N = p.N;
+  kc::plan_topk(t, q.get_device());
+  TIDAL_CHECK_ARG(hsel * t.cluster <= INT32_MAX, op, "q",
+                  c10::str(hsel == p.Hq ? "Hq" : "Hkv", " <= ", INT32_MAX / t.cluster,
+                           " selection heads on CUDA (top-k CTAs are a grid dimension)"),
+                  hsel);
+  const auto f32 = q.options().dtype(at::kFloat);
+  p.scores_ld = (p.N + 3) / 4 * 4;  // 16-byte rows for the top-k kernel's vector loads
+  at::Tensor scores = at::empty({p.B, p.Hq, p.scores_ld}, f32);
+  at::Tensor lse = group ? at::empty({p.B, p.Hq}, f32) : at::Tensor();
+  at::Tensor indices = at::empty({p.B, hsel, top_k}, q.options().dtype(at::kInt));
+  p.scores = scores.data_ptr<float>();
+  run_attention(op, p, c.dtype, c.launch.params.D, p.N, q, c.launch.out, group ? lse.data_ptr<float>() : nullptr);
+
+  t.scores = scores.data_ptr<float>();
+  t.lse = group ? lse.data_ptr<float>() : nullptr;
+  t.seq_lens = p.seq_lens;
+  t.indices = indices.data_ptr<int32_t>();
   t.ld = p.scores_ld;
   t.top_k = top_k;
   t.sink = sink;
   t.recent = recent;
-  const int64_t rows = p.B * hsel;
-  t.chunks = chunks;
-  const auto i32 = q.options().dtype(at::kInt);
-  // One zeroed buffer: the 3 passes' histograms, then the 3 passes' finished-CTA counters.
-  at::Tensor hist = at::zeros({3 * rows * (kernels::kTopkBins + 1)}, i32);
-  at::Tensor state = at::empty({rows * 3}, q.options().dtype(at::kLong));
-  at::Tensor counts = at::empty({rows * t.chunks * 2}, i32);
-  t.hist = hist.data_ptr<int>();
-  t.done = t.hist + 3 * rows * kernels::kTopkBins;
-  t.state = state.data_ptr<int64_t>();
-  t.counts = counts.data_ptr<int>();
   check_launch(op, kc::launch_topk(t, current_stream(q)));
   return {c.launch.out, indices};
 }

@@ -1,6 +1,7 @@
 // The framework-free host entry points of include/tidal/kernels/cuda_launch.h.
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <mutex>
 
 #include "tidal/kernels/cuda_attention.cuh"
@@ -38,6 +39,55 @@ int64_t resident_ctas(DType dtype, int64_t D, int device) {
   return slot;
 }
 
+// CTAs a selection row may take: a portable cluster where both the device (sm_90+) and the code the
+// top-k kernel runs (its PTX target) have clusters, else 1. Cached per device.
+int64_t topk_cluster_limit(int device) {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mu;
+  static int cache[kMaxDevices] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= kMaxDevices) device = 0;
+  if (cache[device] == 0) {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaFuncAttributes attrs = {};
+    const bool compiled = cudaFuncGetAttributes(&attrs, topk_kernel<kTopkBlock>) == cudaSuccess && attrs.ptxVersion >= 90;
+    cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
+    cache[device] = major >= 9 && compiled ? kTopkMaxCluster : 1;
+  }
+  return cache[device];
+}
+
+// Clusters of `cs` top-k CTAs the device runs at once (cached per device and size).
+int64_t topk_active_clusters(int device, int cs) {
+  constexpr int kMaxDevices = 64;
+  static std::mutex mu;
+  static int cache[kMaxDevices][kTopkMaxCluster + 1] = {};
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= kMaxDevices) device = 0;
+  int& slot = cache[device][cs];
+  if (slot == 0) {
+    const auto kernel = topk_kernel<kTopkBlock>;
+    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTopkSmemBytes));
+    cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    cudaLaunchConfig_t config = {};
+    config.gridDim = dim3(static_cast<unsigned>(cs));
+    config.blockDim = dim3(kTopkBlock);
+    config.dynamicSmemBytes = kTopkSmemBytes;
+    cudaLaunchAttribute cluster[1];
+    cluster[0].id = cudaLaunchAttributeClusterDimension;
+    cluster[0].val.clusterDim.x = static_cast<unsigned>(cs);
+    cluster[0].val.clusterDim.y = cluster[0].val.clusterDim.z = 1;
+    config.attrs = cluster;
+    config.numAttrs = 1;
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) n = 0;
+    cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
+    slot = n > 0 ? n : -1;
+  }
+  return slot;
+}
+
 }  // namespace
 
 void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int device) {
@@ -58,16 +108,45 @@ const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* 
   return dtype == DType::Half ? launch_attention_fp16(p, D, out, lse, s) : launch_attention_bf16(p, D, out, lse, s);
 }
 
+void plan_topk(TopkParams& p, int device) {
+  // The largest cluster (chunks of at least kTopkMinChunk positions) whose rows all run at once;
+  // where none does (many rows), chunks of about kTopkChunk. Measured on an H200 (N = 16K, 128K):
+  // one wave of 8-CTA clusters beats smaller ones, a second wave costs more than smaller clusters.
+  const int64_t rows = p.B * p.Hsel;
+  const int64_t limit = std::min<int64_t>(topk_cluster_limit(device), (p.N + kTopkMinChunk - 1) / kTopkMinChunk);
+  int64_t cs = 0;
+  for (int64_t c = limit; c > 1 && cs == 0; c /= 2)
+    if (rows <= topk_active_clusters(device, static_cast<int>(c))) cs = c;
+  if (cs == 0) cs = std::min<int64_t>(limit, (p.N + kTopkChunk - 1) / kTopkChunk);
+  cs = cs < 1 ? 1 : cs;
+  p.cluster = static_cast<int>(cs);
+  p.chunk = ((p.N + cs - 1) / cs + 3) / 4 * 4;
+}
+
 const char* launch_topk(const TopkParams& p, void* stream) {
   const int64_t rows = p.B * p.Hsel;
   if (rows == 0) return nullptr;
-  auto s = static_cast<cudaStream_t>(stream);
-  // Selection rows in x (any count), chunks of a row in y (<= 65535, checked by the launcher).
-  const dim3 grid(static_cast<unsigned>(rows), static_cast<unsigned>(p.chunks));
-  for (int pass = 0; pass < 3; ++pass) topk_hist_kernel<kTopkBlock><<<grid, kTopkBlock, 0, s>>>(p, pass);
-  topk_count_kernel<kTopkBlock><<<grid, kTopkBlock, 0, s>>>(p);
-  topk_write_kernel<kTopkBlock><<<grid, kTopkBlock, 0, s>>>(p);
-  return last_error();
+  const auto kernel = topk_kernel<kTopkBlock>;
+  cudaError_t attr =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTopkSmemBytes));
+  if (attr == cudaSuccess)  // all shared memory: four CTAs an SM, so a cluster of 8 spans few SMs
+    attr = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  if (attr != cudaSuccess) return cudaGetErrorString(attr);
+  cudaLaunchConfig_t config = {};
+  // Selection heads x cluster ranks in x (<= 2^31 - 1), the batch in y (<= 65535): both checked by the launcher.
+  config.gridDim = dim3(static_cast<unsigned>(p.Hsel * p.cluster), static_cast<unsigned>(p.B));
+  config.blockDim = dim3(kTopkBlock);
+  config.dynamicSmemBytes = kTopkSmemBytes;
+  config.stream = static_cast<cudaStream_t>(stream);
+  cudaLaunchAttribute cluster[1];
+  cluster[0].id = cudaLaunchAttributeClusterDimension;
+  cluster[0].val.clusterDim.x = static_cast<unsigned>(p.cluster);
+  cluster[0].val.clusterDim.y = 1;
+  cluster[0].val.clusterDim.z = 1;
+  config.attrs = cluster;
+  config.numAttrs = p.cluster > 1 ? 1 : 0;
+  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, p);
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 const char* launch_write_kv(const CorrectParams& c, DType dtype, void* stream) {

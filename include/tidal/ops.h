@@ -13,8 +13,7 @@
 //   scale             nullopt = 1/sqrt(D)
 // Dtypes: float32, float16, bfloat16 (CPU); float16, bfloat16 (CUDA). Accumulation is float32.
 // Outputs are contiguous, in q's dtype. A sequence with seq_len 0 (a padding slot) gives zeros.
-// Offsets are 64-bit (tensors past 2^31 elements work); CUDA grid limits: B <= 65535, and
-// select_attention's N <= 65535 * 16384.
+// Offsets are 64-bit (tensors past 2^31 elements work); CUDA grid limit: B <= 65535.
 // Thread safety: the ops keep no state between calls (scratch comes from the caching allocator on
 // the current stream), so calls from several threads or on several streams at once are safe.
 #pragma once

@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <cub/block/block_reduce.cuh>
 #include <cub/block/block_scan.cuh>
+#include <cooperative_groups.h>
 
 #include "tidal/kernels/params.h"
 
@@ -98,8 +99,9 @@ struct AttnSmem {
   static constexpr size_t kTileElems = size_t(kTileTokens) * kPitch;
   static constexpr size_t kTileBytes = kStages * 2 * kTileElems * sizeof(T);
   static constexpr size_t kBytes = kTileBytes + kStages * kTileTokens * sizeof(int32_t);
-  // The final cross-warp combine reuses the tiles: kWarps x kTileRows x D floats plus m, l.
-  static_assert(size_t(kWarps) * kTileRows * (D + 2) * sizeof(float) <= kTileBytes,
+  // The final cross-warp combine reuses the tiles: kWarps x kTileRows x D floats plus m, l, weight,
+  // and each row's m, l.
+  static_assert((size_t(kWarps) * kTileRows * (D + 3) + 2 * kTileRows) * sizeof(float) <= kTileBytes,
                 "combine buffer must fit in the tile buffers");
 };
 
@@ -115,32 +117,37 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // Grid: x = row group x m tile (can exceed 65535: a long correct_kv chunk), y = split (<= kMaxSplits),
-  // z = batch row (<= 65535, checked on the host).
+  // z = batch row (<= 65535, checked on the host). Head and row indices fit 32 bits (Hq * S rows of
+  // D >= 32 elements each fit memory), so their divisions are 32-bit: a short CTA (sparse attention)
+  // spends a noticeable share of its time on this set-up.
   const int64_t split = blockIdx.y, b = blockIdx.z;
-  const int64_t m_tiles = p.m_tiles();
-  const int64_t rg = blockIdx.x / m_tiles, mt = blockIdx.x % m_tiles;
-  const int64_t Gr = p.rows_per_group, rows = p.rows_per_cta_group();
-  const int64_t G = p.Hq / p.Hkv;
+  const uint32_t m_tiles = static_cast<uint32_t>(p.m_tiles());
+  const uint32_t rg = blockIdx.x / m_tiles, mt = blockIdx.x - rg * m_tiles;
+  const uint32_t Gr = static_cast<uint32_t>(p.rows_per_group), rows = static_cast<uint32_t>(p.rows_per_cta_group());
+  const uint32_t G = static_cast<uint32_t>(p.Hq / p.Hkv);
   const int64_t kvh = (rg * Gr) / G;
   const int64_t N = p.N;
   const int64_t L = clamp_len(p.seq_lens, b, N);
   const bool gather = p.indices != nullptr;
   const int64_t start_b = p.start ? p.start[b] : 0;
 
-  // This lane's two MMA rows (lane/4 and lane/4 + 8): global row id (h * S + i) and position limit.
-  int64_t row_id[2];
-  int64_t limit[2];
+  // This lane's two MMA rows (lane/4 and lane/4 + 8): head h, query i, position limit, and where
+  // select's raw scores of the row go.
+  int64_t head[2], query[2], limit[2];
+  float* score_row[2];
   bool row_ok[2];
   int64_t max_limit;
   for (int j = 0; j < 2; ++j) {
-    const int64_t local = mt * kTileRows + (lane >> 2) + 8 * j;
+    const uint32_t local = mt * kTileRows + (lane >> 2) + 8 * j;
     row_ok[j] = local < rows;
-    const int64_t i = row_ok[j] ? local / Gr : 0, h = rg * Gr + (row_ok[j] ? local % Gr : 0);
-    row_id[j] = h * p.S + i;
+    const uint32_t i = row_ok[j] ? local / Gr : 0;
+    query[j] = i;
+    head[j] = rg * Gr + (row_ok[j] ? local - i * Gr : 0);
     limit[j] = p.start ? min64(start_b + i + 1, N) : L;
+    score_row[j] = p.scores != nullptr ? p.scores + ((b * p.Hq + head[j]) * p.S + i) * p.scores_ld : nullptr;
   }
   {
-    const int64_t last_local = min64(mt * kTileRows + kTileRows, rows) - 1;
+    const uint32_t last_local = (mt * kTileRows + kTileRows < rows ? mt * kTileRows + kTileRows : rows) - 1;
     max_limit = p.start ? min64(start_b + last_local / Gr + 1, N) : L;
   }
   const int64_t space = gather ? p.K : max_limit;
@@ -182,10 +189,8 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
   uint32_t qa[D / 16][4];
   {
     const T* qrow[2];
-    for (int j = 0; j < 2; ++j) {
-      const int64_t h = row_id[j] / p.S, i = row_id[j] % p.S;
-      qrow[j] = static_cast<const T*>(p.q) + b * p.q_stride_b + h * p.q_stride_h + i * p.q_stride_s;
-    }
+    for (int j = 0; j < 2; ++j)
+      qrow[j] = static_cast<const T*>(p.q) + b * p.q_stride_b + head[j] * p.q_stride_h + query[j] * p.q_stride_s;
     for (int kc = 0; kc < D / 16; ++kc)
       for (int j = 0; j < 4; ++j) {
         const int r = j & 1, col = kc * 16 + (j >> 1) * 8 + 2 * (lane & 3);
@@ -235,7 +240,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
         const int64_t pos = tPos[tok];
         const bool ok = row_ok[j] && pos >= 0 && pos < limit[j];
         const float x = ok ? s[nb][e] * p.scale : kNegInf;
-        if (ok && p.scores != nullptr) p.scores[(b * p.Hq + row_id[j]) * p.scores_ld + pos] = x;
+        if (ok && score_row[j] != nullptr) score_row[j][pos] = x;
         s[nb][e] = x;
         tmax[j] = fmaxf(tmax[j], x);
       }
@@ -290,43 +295,51 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
     l_run[j] += __shfl_xor_sync(0xffffffffu, l_run[j], 2);
   }
 
-  // Combine the 4 warps through shared memory (the tile buffers are free now).
+  // Combine the 4 warps through shared memory (the tile buffers are free now): each row's warp
+  // weights once, then the CTA's valid rows element by element.
   __syncthreads();
   float* cO = reinterpret_cast<float*>(smem_raw);        // [kWarps][kTileRows][D]
   float* cM = cO + kWarps * kTileRows * D;               // [kWarps][kTileRows]
   float* cL = cM + kWarps * kTileRows;                   // [kWarps][kTileRows]
+  float* cW = cL + kWarps * kTileRows;                   // [kWarps][kTileRows] weight of each warp
+  float* cRow = cW + kWarps * kTileRows;                 // [kTileRows][2]: the row's m and l
   for (int j = 0; j < 2; ++j) {
     const int row = (lane >> 2) + 8 * j;
     if ((lane & 3) == 0) {
       cM[warp * kTileRows + row] = m_run[j];
       cL[warp * kTileRows + row] = l_run[j];
     }
-    for (int n = 0; n < D / 8; ++n) {
-      const int d = n * 8 + 2 * (lane & 3);
-      cO[(warp * kTileRows + row) * D + d] = o[n][2 * j];
-      cO[(warp * kTileRows + row) * D + d + 1] = o[n][2 * j + 1];
-    }
+    for (int n = 0; n < D / 8; ++n)
+      *reinterpret_cast<float2*>(cO + (warp * kTileRows + row) * D + n * 8 + 2 * (lane & 3)) =
+          make_float2(o[n][2 * j], o[n][2 * j + 1]);
   }
   __syncthreads();
-  for (int e = tid; e < kTileRows * D; e += kThreads) {
-    const int row = e / D, d = e % D;
-    const int64_t local = mt * kTileRows + row;
-    if (local >= rows) continue;
-    const int64_t rid = (rg * Gr + local % Gr) * p.S + local / Gr;
+  if (tid < kTileRows) {
     float m = kNegInf;
-    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, cM[w * kTileRows + row]);
-    float l = 0.f, acc = 0.f;
+    for (int w = 0; w < kWarps; ++w) m = fmaxf(m, cM[w * kTileRows + tid]);
+    float l = 0.f;
     for (int w = 0; w < kWarps; ++w) {
-      const float mw = cM[w * kTileRows + row];
+      const float mw = cM[w * kTileRows + tid];
       const float f = mw == kNegInf ? 0.f : exp2f((mw - m) * kLog2e);
-      l += f * cL[w * kTileRows + row];
-      acc += f * cO[(w * kTileRows + row) * D + d];
+      cW[w * kTileRows + tid] = f;
+      l += f * cL[w * kTileRows + tid];
     }
+    cRow[2 * tid] = m;
+    cRow[2 * tid + 1] = l;
+  }
+  __syncthreads();
+  const uint32_t valid_rows = rows - mt * kTileRows < kTileRows ? rows - mt * kTileRows : kTileRows;
+  for (uint32_t e = tid; e < valid_rows * D; e += kThreads) {
+    const uint32_t row = e / D, d = e % D;  // D is a compile-time constant
+    const uint32_t local = mt * kTileRows + row, i = local / Gr;
+    const int64_t rid = int64_t(rg * Gr + (local - i * Gr)) * p.S + i;
+    float acc = 0.f;
+    for (int w = 0; w < kWarps; ++w) acc += cW[w * kTileRows + row] * cO[(w * kTileRows + row) * D + d];
     const int64_t slot = (b * p.Hq * p.S + rid) * p.splits + split;
     p.part_o[slot * D + d] = acc;
     if (d == 0) {
-      p.part_ml[slot * 2] = m;
-      p.part_ml[slot * 2 + 1] = l;
+      p.part_ml[slot * 2] = cRow[2 * row];
+      p.part_ml[slot * 2 + 1] = cRow[2 * row + 1];
     }
   }
 }
@@ -381,6 +394,16 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
 }
 
 // ---- top-k selection -------------------------------------------------------------------------
+//
+// One kernel: a cluster of p.cluster CTAs per selection row, each owning a contiguous chunk of the
+// row's positions. Pass A reads the chunk's scores once, turns them into rank keys and histograms
+// their top 11 bits; the CTAs sum the cluster's histograms through distributed shared memory, so
+// each knows the bin of the cut key. A second read lists, in position order, the chunk's keys at or
+// above that bin (every possible winner, usually a few hundred) in shared memory; two more radix
+// passes (11 and 10 bits) over the list give the exact cut key; each CTA counts its winners, takes
+// its offset from the lower chunks' counts and writes them in position order, so rows come out
+// sorted. A chunk whose list would overflow re-reads its keys instead. Without clusters (sm_80),
+// p.cluster is 1 and the "cluster" calls are the CTA's own.
 
 // Order-preserving map of a float to uint32 (larger float -> larger key); NaN above everything and
 // -0 equal to +0, matching the CPU kernel's ranks_before.
@@ -391,17 +414,35 @@ __device__ __forceinline__ uint32_t rank_key(float x) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// Selection row state shared by the top-k kernels: its valid length, the candidate range
-// [c0, c1) between the forced sink and tail, and the free slots to fill from it.
+__device__ __forceinline__ void cluster_barrier() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#else
+  __syncthreads();
+#endif
+}
+
+// The same shared-memory object in CTA `rank` of this cluster.
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* ptr, unsigned rank) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  return cooperative_groups::this_cluster().map_shared_rank(ptr, rank);
+#else
+  return ptr;  // clusters of one CTA
+#endif
+}
+
+// Selection row state: its valid length, the candidate range [c0, c1) between the forced sink and
+// tail, and the free slots to fill from it.
 struct TopkRow {
   int64_t L, c0, c1, free_slots;
-  float* row0;  // head mode: the head's scores; group mode: the group's first row, holding keys
+  float* row0;  // head mode: the head's scores; group mode: the group's first row
   bool trivial; // every slot is decided without ranking (L <= top_k, or no free slot)
 };
 
-__device__ __forceinline__ TopkRow topk_row(const TopkParams& p, int64_t r) {
+__device__ __forceinline__ TopkRow topk_row(const TopkParams& p, int64_t b, int64_t g) {
   TopkRow t;
-  const int64_t b = r / p.Hsel, g = r % p.Hsel, G = p.Hq / p.Hsel;
+  const int64_t G = p.Hq / p.Hsel;
   t.L = clamp_len(p.seq_lens, b, p.N);
   const int64_t tail = p.recent > 1 ? p.recent : 1;
   t.c0 = p.sink;
@@ -412,196 +453,111 @@ __device__ __forceinline__ TopkRow topk_row(const TopkParams& p, int64_t r) {
   return t;
 }
 
-// The 4 keys of positions 4v .. 4v+3 (head mode: converted from the raw scores on the fly).
-__device__ __forceinline__ void topk_keys4(const TopkParams& p, const float* row0, int64_t v, uint32_t k[4]) {
-  if (p.lse != nullptr) {
-    const uint4 x = reinterpret_cast<const uint4*>(row0)[v];
-    k[0] = x.x, k[1] = x.y, k[2] = x.z, k[3] = x.w;
-  } else {
-    const float4 x = reinterpret_cast<const float4*>(row0)[v];
-    k[0] = rank_key(x.x), k[1] = rank_key(x.y), k[2] = rank_key(x.z), k[3] = rank_key(x.w);
+// The 4 rank keys of positions 4v .. 4v+3: group mode's are stored (pass A wrote them over the
+// group's first row), head mode's are converted from the raw scores on every read.
+__device__ __forceinline__ uint4 topk_keys4(const float* row0, bool group, int v) {
+  if (group) return reinterpret_cast<const uint4*>(row0)[v];
+  const float4 x = reinterpret_cast<const float4*>(row0)[v];
+  return make_uint4(rank_key(x.x), rank_key(x.y), rank_key(x.z), rank_key(x.w));
+}
+
+// Pass A's read of vector v: group mode ranks max over the group's heads of s_h - lse_h (NaN sticks).
+__device__ __forceinline__ uint4 topk_first_keys4(const TopkParams& p, const TopkRow& row, int64_t b, int64_t g,
+                                                  int v) {
+  if (p.lse == nullptr) return topk_keys4(row.row0, false, v);
+  const int64_t G = p.Hq / p.Hsel;
+  float best[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
+  bool nan[4] = {false, false, false, false};
+  for (int64_t h = 0; h < G; ++h) {
+    const float4 x = reinterpret_cast<const float4*>(row.row0 + h * p.ld)[v];
+    const float l = p.lse[b * p.Hq + g * G + h];
+    const float xs[4] = {x.x - l, x.y - l, x.z - l, x.w - l};
+    for (int e = 0; e < 4; ++e) {
+      nan[e] |= xs[e] != xs[e];
+      best[e] = fmaxf(best[e], xs[e]);
+    }
   }
+  uint32_t k[4];
+  for (int e = 0; e < 4; ++e) k[e] = nan[e] ? 0xffffffffu : rank_key(best[e]);
+  return make_uint4(k[0], k[1], k[2], k[3]);
 }
 
-// Radix-select state of row r before pass `pass`: the key prefix chosen so far, its mask, and the
-// rank `want` (1-based, from the top) of the cut key among the keys matching the prefix. Pass 0
-// starts from nothing; later passes read what the previous pass's last CTA stored.
-struct TopkState {
-  uint32_t prefix, mask;
-  int64_t want;
-};
-
-__device__ __forceinline__ TopkState topk_state(const TopkParams& p, int64_t r, int64_t free_slots, int pass) {
-  if (pass == 0) return {0u, 0u, free_slots};
-  const int64_t* st = p.state + r * 3;
-  return {static_cast<uint32_t>(st[0]), static_cast<uint32_t>(st[1]), st[2]};
+__device__ __forceinline__ uint32_t key_at(const uint4& k, int e) {
+  return e == 0 ? k.x : (e == 1 ? k.y : (e == 2 ? k.z : k.w));
 }
 
-__device__ __forceinline__ int topk_shift(int pass) { return pass == 0 ? 21 : (pass == 1 ? 10 : 0); }
-__device__ __forceinline__ uint32_t topk_digit_mask(int pass) { return pass == 2 ? 0x3ffu : 0x7ffu; }
+// Shared memory of the top-k kernel beyond its static part: two histograms (radix passes alternate
+// between them, so a pass never clears one a peer may still be reading) and the candidate list.
+constexpr size_t kTopkSmemBytes = 2 * kTopkBins * sizeof(int) + kTopkListCap * sizeof(uint2);
 
-// Chooses pass `pass`'s digit from the row's finished histogram and stores the next state
-// (block-wide: every thread of the block calls it).
+// Adds 1 to bin `bin` for every active lane; lanes of a warp with the same bin add once together
+// (score keys crowd into a few bins, and same-address shared atomics serialize). Whole warps call it.
+__device__ __forceinline__ void warp_histogram_add(int* h, bool active, uint32_t bin) {
+  const unsigned same = __match_any_sync(0xffffffffu, active ? bin : 0xffffffffu);
+  if (active && (threadIdx.x & 31) == __ffs(same) - 1) atomicAdd(&h[bin], __popc(same));
+}
+
+// Block-wide ordered write of one round of kItems keys per thread (thread-major order = position
+// order): keys above the cut, and keys equal to it while the row's tie budget lasts (lowest positions
+// first). `written` and `eq_seen` carry over between rounds. Every thread of the block calls it.
+template <int kBlock, int kItems, typename Scan>
+__device__ __forceinline__ void topk_write_round(typename Scan::TempStorage& scan, const uint32_t (&k)[kItems],
+                                                 const int32_t (&pos)[kItems], const bool (&ok)[kItems],
+                                                 uint32_t cut, int64_t take_eq, int64_t& eq_seen,
+                                                 int64_t& written, int32_t* out) {
+  int n_eq = 0, n_gt = 0;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    n_eq += (ok[i] && k[i] == cut) ? 1 : 0;
+    n_gt += (ok[i] && k[i] > cut) ? 1 : 0;
+  }
+  int eq_rank, round_eq;
+  Scan(scan).ExclusiveSum(n_eq, eq_rank, round_eq);
+  __syncthreads();
+  int64_t eq_take = take_eq - (eq_seen + eq_rank);
+  eq_take = eq_take < 0 ? 0 : (eq_take > n_eq ? n_eq : eq_take);
+  int off, total;
+  Scan(scan).ExclusiveSum(n_gt + static_cast<int>(eq_take), off, total);
+  __syncthreads();
+  int64_t dst = written + off;
+#pragma unroll
+  for (int i = 0; i < kItems; ++i) {
+    if (!ok[i]) continue;
+    bool take = k[i] > cut;
+    if (k[i] == cut && eq_take > 0) {
+      take = true;
+      --eq_take;
+    }
+    if (take) out[dst++] = pos[i];
+  }
+  written += total;
+  eq_seen += round_eq;
+}
+
 template <int kBlock>
-__device__ void topk_advance(const TopkParams& p, int64_t r, int pass, TopkState st) {
+__global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
   using Scan = cub::BlockScan<int, kBlock>;
-  __shared__ typename Scan::TempStorage scan_tmp;
-  __shared__ int sh_digit, sh_above;
-  constexpr int kPer = kTopkBins / kBlock;
-  const int* hist = p.hist + (pass * p.B * p.Hsel + r) * kTopkBins;
-  int items[kPer], incl[kPer];
-  for (int k = 0; k < kPer; ++k) items[k] = hist[kTopkBins - 1 - (threadIdx.x * kPer + k)];  // top digit first
-  Scan(scan_tmp).InclusiveSum(items, incl);
-  for (int k = 0; k < kPer; ++k) {
-    const int above = incl[k] - items[k];
-    if (items[k] > 0 && above < st.want && incl[k] >= st.want) {
-      sh_digit = kTopkBins - 1 - (threadIdx.x * kPer + k);
-      sh_above = above;
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int64_t* out = p.state + r * 3;
-    out[0] = st.prefix | (static_cast<uint32_t>(sh_digit) << topk_shift(pass));
-    out[1] = st.mask | (topk_digit_mask(pass) << topk_shift(pass));
-    out[2] = st.want - sh_above;
-  }
-}
-
-// Radix pass `pass` of the multi-CTA top-k: CTA (chunk, row) histograms the digit of its chunk's
-// candidate keys that match the prefix of the earlier passes into the row's global histogram; the
-// row's last CTA to finish then picks the digit and stores the state for the next kernel.
-// Pass 0 of group mode first turns the group's scores into rank keys (max over the group's heads
-// of s_h - lse_h, NaN sticking), written over the group's first row.
-template <int kBlock>
-__global__ void __launch_bounds__(kBlock) topk_hist_kernel(const TopkParams p, int pass) {
-  __shared__ int hist[kTopkBins];
-  __shared__ bool last;
-  const int64_t r = blockIdx.x, chunk = blockIdx.y;  // rows in x (any count), chunks in y
-  const TopkRow row = topk_row(p, r);
-  if (row.trivial) return;
-  const int64_t t0 = chunk * kTopkChunk;
-  const int64_t lo = row.c0 > t0 ? row.c0 : t0, hi = min64(row.c1, t0 + kTopkChunk);
-  const int64_t v0 = lo / 4, v1 = lo < hi ? (hi + 3) / 4 : v0;  // vectors lie inside the chunk
-
-  if (pass == 0 && p.lse != nullptr) {
-    const int64_t b = r / p.Hsel, g = r % p.Hsel, G = p.Hq / p.Hsel;
-    for (int64_t v = v0 + threadIdx.x; v < v1; v += kBlock) {
-      float best[4] = {kNegInf, kNegInf, kNegInf, kNegInf};
-      bool nan[4] = {false, false, false, false};
-      for (int64_t h = 0; h < G; ++h) {
-        const float4 x = reinterpret_cast<const float4*>(row.row0 + h * p.ld)[v];
-        const float l = p.lse[b * p.Hq + g * G + h];
-        const float xs[4] = {x.x - l, x.y - l, x.z - l, x.w - l};
-        for (int e = 0; e < 4; ++e) {
-          nan[e] |= xs[e] != xs[e];
-          best[e] = fmaxf(best[e], xs[e]);
-        }
-      }
-      uint4 k;
-      k.x = nan[0] ? 0xffffffffu : rank_key(best[0]);
-      k.y = nan[1] ? 0xffffffffu : rank_key(best[1]);
-      k.z = nan[2] ? 0xffffffffu : rank_key(best[2]);
-      k.w = nan[3] ? 0xffffffffu : rank_key(best[3]);
-      reinterpret_cast<uint4*>(row.row0)[v] = k;
-    }
-  }
-  const TopkState st = topk_state(p, r, row.free_slots, pass);
-  const int shift = topk_shift(pass);
-  const uint32_t digit_mask = topk_digit_mask(pass);
-  for (int i = threadIdx.x; i < kTopkBins; i += kBlock) hist[i] = 0;
-  __syncthreads();
-  for (int64_t base = v0 + threadIdx.x; base < v1; base += kTopkUnroll * kBlock) {
-    uint32_t k[kTopkUnroll][4];  // several vector loads in flight before the first use
-#pragma unroll
-    for (int u = 0; u < kTopkUnroll; ++u)
-      if (base + u * kBlock < v1) topk_keys4(p, row.row0, base + u * kBlock, k[u]);
-#pragma unroll
-    for (int u = 0; u < kTopkUnroll; ++u) {
-      const int64_t v = base + u * kBlock;
-      if (v >= v1) break;
-      for (int e = 0; e < 4; ++e) {
-        const int64_t t = 4 * v + e;
-        if (t >= lo && t < hi && (k[u][e] & st.mask) == st.prefix) atomicAdd(&hist[(k[u][e] >> shift) & digit_mask], 1);
-      }
-    }
-  }
-  __syncthreads();
-  int* global = p.hist + (pass * p.B * p.Hsel + r) * kTopkBins;
-  for (int i = threadIdx.x; i < kTopkBins; i += kBlock)
-    if (hist[i] != 0) atomicAdd(&global[i], hist[i]);
-  // Last CTA of the row (threadfence-reduction pattern): every chunk's counts are in `global`.
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&p.done[pass * p.B * p.Hsel + r], 1) == p.chunks - 1;
-  __syncthreads();
-  if (last) {
-    __threadfence();
-    topk_advance<kBlock>(p, r, pass, st);
-  }
-}
-
-// The cut key of row r (after the three passes) and how many keys equal to it to take.
-__device__ __forceinline__ void topk_cut(const TopkParams& p, int64_t r, uint32_t& cut, int64_t& take_eq) {
-  cut = static_cast<uint32_t>(p.state[r * 3]);
-  take_eq = p.state[r * 3 + 2];
-}
-
-// Per chunk: candidate keys above the cut and equal to it (the write kernel's offsets).
-template <int kBlock>
-__global__ void __launch_bounds__(kBlock) topk_count_kernel(const TopkParams p) {
   using Reduce = cub::BlockReduce<int, kBlock>;
-  __shared__ typename Reduce::TempStorage red_tmp;
-  const int64_t r = blockIdx.x, chunk = blockIdx.y;  // rows in x (any count), chunks in y
-  const TopkRow row = topk_row(p, r);
-  if (row.trivial) return;
-  uint32_t cut;
-  int64_t take_eq;
-  topk_cut(p, r, cut, take_eq);
-  const int64_t t0 = chunk * kTopkChunk;
-  const int64_t lo = row.c0 > t0 ? row.c0 : t0, hi = min64(row.c1, t0 + kTopkChunk);
-  int n_gt = 0, n_eq = 0;
-  const int64_t v1 = lo < hi ? (hi + 3) / 4 : lo / 4;
-  for (int64_t base = lo / 4 + threadIdx.x; base < v1; base += kTopkUnroll * kBlock) {
-    uint32_t k[kTopkUnroll][4];
-#pragma unroll
-    for (int u = 0; u < kTopkUnroll; ++u)
-      if (base + u * kBlock < v1) topk_keys4(p, row.row0, base + u * kBlock, k[u]);
-#pragma unroll
-    for (int u = 0; u < kTopkUnroll; ++u) {
-      const int64_t v = base + u * kBlock;
-      if (v >= v1) break;
-      for (int e = 0; e < 4; ++e) {
-        const int64_t t = 4 * v + e;
-        if (t < lo || t >= hi) continue;
-        n_gt += k[u][e] > cut;
-        n_eq += k[u][e] == cut;
-      }
-    }
-  }
-  const int gt = Reduce(red_tmp).Sum(n_gt);
-  __syncthreads();
-  const int eq = Reduce(red_tmp).Sum(n_eq);
-  if (threadIdx.x == 0) {
-    p.counts[(r * p.chunks + chunk) * 2] = gt;
-    p.counts[(r * p.chunks + chunk) * 2 + 1] = eq;
-  }
-}
+  __shared__ union {
+    typename Scan::TempStorage scan;
+    typename Reduce::TempStorage reduce;
+  } tmp;
+  __shared__ int sh_digit, sh_above;
+  __shared__ int sh_counts[2];  // this chunk's candidates above / equal to the cut (peers read them)
+  extern __shared__ __align__(16) unsigned char topk_smem[];
+  int* hist = reinterpret_cast<int*>(topk_smem);               // [2][kTopkBins]
+  uint2* list = reinterpret_cast<uint2*>(hist + 2 * kTopkBins);  // [kTopkListCap] (key, position)
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+  if (p.cluster != 1) __trap();  // the host asks for clusters only where the code has them
+#endif
 
-// Writes row r's index entries: the forced and padding slots (chunk 0), and each chunk's chosen
-// candidates at the offset the earlier chunks' counts give, in position order (so the row ends up
-// sorted). At the cut key, the lowest positions win.
-template <int kBlock>
-__global__ void __launch_bounds__(kBlock) topk_write_kernel(const TopkParams p) {
-  using Scan = cub::BlockScan<int, kBlock>;
-  __shared__ typename Scan::TempStorage scan_tmp;
-  __shared__ int64_t sh_offset, sh_eq_before;
-  constexpr int kItems = 8;
-  const int64_t r = blockIdx.x, chunk = blockIdx.y;  // rows in x (any count), chunks in y
-  const TopkRow row = topk_row(p, r);
-  int32_t* out = p.indices + r * p.top_k;
+  // Grid: x = selection head x cluster rank (clusters are consecutive x), y = batch row.
+  const unsigned cs = static_cast<unsigned>(p.cluster), rank = blockIdx.x % cs;
+  const int64_t g = blockIdx.x / cs, b = blockIdx.y;
   const int tid = threadIdx.x;
-  if (chunk == 0) {
+  const TopkRow row = topk_row(p, b, g);
+  int32_t* out = p.indices + (b * p.Hsel + g) * p.top_k;
+  if (rank == 0) {  // the slots decided without ranking
     if (row.L <= p.top_k) {
       for (int64_t t = tid; t < p.top_k; t += kBlock) out[t] = t < row.L ? static_cast<int32_t>(t) : -1;
     } else {
@@ -610,68 +566,230 @@ __global__ void __launch_bounds__(kBlock) topk_write_kernel(const TopkParams p) 
       for (int64_t t = tid; t < tail; t += kBlock) out[p.top_k - tail + t] = static_cast<int32_t>(row.c1 + t);
     }
   }
-  if (row.trivial) return;
-  const int64_t t0 = chunk * kTopkChunk;
-  const int64_t lo = row.c0 > t0 ? row.c0 : t0, hi = min64(row.c1, t0 + kTopkChunk);
-  if (lo >= hi) return;
-  uint32_t cut;
-  int64_t take_eq;
-  topk_cut(p, r, cut, take_eq);
-  if (tid == 0) {
-    int64_t offset = p.sink, eq_before = 0;
-    for (int64_t c = 0; c < chunk; ++c) {
-      const int64_t gt = p.counts[(r * p.chunks + c) * 2], eq = p.counts[(r * p.chunks + c) * 2 + 1];
-      const int64_t take = min64(eq, take_eq - eq_before > 0 ? take_eq - eq_before : 0);
-      offset += gt + take;
-      eq_before += eq;
-    }
-    sh_offset = offset;
-    sh_eq_before = eq_before;
-  }
+  if (row.trivial) return;  // the whole cluster leaves together, before any cluster barrier
+
+  // This CTA's candidates [lo, hi) and the 4-position vectors [v0, v1) covering them (N < 2^31).
+  const int t0 = static_cast<int>(rank * p.chunk);
+  const int lo = static_cast<int>(row.c0 > t0 ? row.c0 : t0), hi = static_cast<int>(min64(row.c1, t0 + p.chunk));
+  const int v0 = lo / 4, v1 = lo < hi ? (hi + 3) / 4 : v0;
+  const bool group = p.lse != nullptr;
+  for (int i = tid; i < 2 * kTopkBins; i += kBlock) hist[i] = 0;
   __syncthreads();
-  // Rounds of kBlock * kItems positions; in each, a thread scans kItems consecutive positions.
-  int64_t written = sh_offset, eq_seen = sh_eq_before;
-  for (int64_t round = t0; round < hi; round += int64_t(kBlock) * kItems) {
-    const int64_t first = round + int64_t(tid) * kItems;
-    uint32_t k[kItems];
-    int n_eq = 0, n_gt = 0;
+
+  // Chooses the digit of pass `pass` from the cluster's histograms `h` and narrows (prefix, mask,
+  // want); want = rank (1-based, from the top) of the cut key among the keys matching the prefix.
+  uint32_t prefix = 0, mask = 0;
+  int64_t want = row.free_slots;
+  constexpr int kPer = 4;  // bins per thread: one 16-byte load from each peer
+  static_assert(kTopkBins == kPer * kBlock, "a thread scans kPer bins");
+  auto choose_digit = [&](const int* h, int shift, uint32_t digit_mask) {
+    cluster_barrier();  // every CTA's histogram is complete
+    const int base = kTopkBins - kPer * (tid + 1);  // bins base .. base + 3, scanned top digit first
+    int items[kPer] = {}, incl[kPer];
 #pragma unroll
-    for (int u = 0; u < kItems / 4; ++u) {
-      if (first + 4 * u < hi) {
-        topk_keys4(p, row.row0, first / 4 + u, k + 4 * u);
-      } else {  // past the candidates (and maybe past the row): not read
-        k[4 * u] = k[4 * u + 1] = k[4 * u + 2] = k[4 * u + 3] = 0;
+    for (unsigned q = 0; q < kTopkMaxCluster; ++q) {
+      if (q >= cs) break;
+      const int4 x = *reinterpret_cast<const int4*>(cluster_peer(h, q) + base);
+      items[0] += x.w, items[1] += x.z, items[2] += x.y, items[3] += x.x;
+    }
+    Scan(tmp.scan).InclusiveSum(items, incl);
+#pragma unroll
+    for (int k = 0; k < kPer; ++k) {
+      const int above = incl[k] - items[k];
+      if (items[k] > 0 && above < want && incl[k] >= want) {
+        sh_digit = base + kPer - 1 - k;
+        sh_above = above;
       }
     }
-#pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t t = first + i;
-      const bool c = t >= lo && t < hi;
-      n_eq += (c && k[i] == cut) ? 1 : 0;
-      n_gt += (c && k[i] > cut) ? 1 : 0;
-    }
-    int eq_rank, eq_total;
-    Scan(scan_tmp).ExclusiveSum(n_eq, eq_rank, eq_total);
     __syncthreads();
-    int64_t eq_take = take_eq - (eq_seen + eq_rank);
-    eq_take = eq_take < 0 ? 0 : (eq_take > n_eq ? n_eq : eq_take);
-    int off, total;
-    Scan(scan_tmp).ExclusiveSum(n_gt + static_cast<int>(eq_take), off, total);
-    __syncthreads();
-    int64_t dst = written + off;
+    prefix |= static_cast<uint32_t>(sh_digit) << shift;
+    mask |= digit_mask << shift;
+    want -= sh_above;
+    __syncthreads();  // sh_digit and the scan storage are reused
+  };
+
+  // Pass A: every key once from global memory (group mode: computed, then stored over the first row),
+  // histogram of the top 11 bits.
+  {
+    constexpr int kUnroll = 4;  // vector loads in flight per thread
+    for (int vb = v0; vb < v1; vb += kUnroll * kBlock) {  // uniform trip count: whole warps aggregate
+      uint4 k[kUnroll];
 #pragma unroll
-    for (int i = 0; i < kItems; ++i) {
-      const int64_t t = first + i;
-      if (t < lo || t >= hi) continue;
-      bool take = k[i] > cut;
-      if (k[i] == cut && eq_take > 0) {
-        take = true;
-        --eq_take;
+      for (int u = 0; u < kUnroll; ++u) {
+        const int v = vb + u * kBlock + tid;
+        k[u] = v < v1 ? topk_first_keys4(p, row, b, g, v) : make_uint4(0, 0, 0, 0);
       }
-      if (take) out[dst++] = static_cast<int32_t>(t);
+#pragma unroll
+      for (int u = 0; u < kUnroll; ++u) {
+        const int v = vb + u * kBlock + tid;
+        if (group && v < v1) reinterpret_cast<uint4*>(row.row0)[v] = k[u];
+        for (int e = 0; e < 4; ++e) {
+          const int t = 4 * v + e;
+          if (v < v1 && t >= lo && t < hi) atomicAdd(&hist[key_at(k[u], e) >> 21], 1);
+        }
+      }
     }
-    written += total;
-    eq_seen += eq_total;
+  }
+  choose_digit(hist, 21, 0x7ffu);
+
+  // The list: every key of this chunk at or above pass A's cut bin (all possible winners), in
+  // position order. Warp w lists its own 1/kWarpsT of the chunk into its own segment (ballot
+  // compaction, no block barrier); the segments are then packed into one list.
+  constexpr int kWarpsT = kBlock / 32, kSegment = kTopkListCap / kWarpsT;
+  const int warp = tid / 32, lane = tid % 32;
+  const int per_warp = ((v1 - v0 + kWarpsT - 1) / kWarpsT + 31) / 32 * 32;  // vectors, whole rounds
+  const int wv0 = v0 + warp * per_warp, wv1 = min(v1, wv0 + per_warp);
+  int seg = 0;  // this warp's entries (may pass kSegment: overflow)
+  {
+    const uint32_t floor_key = prefix;  // the cut bin's lowest key
+    uint2* mine = list + warp * kSegment;
+    uint4 next = wv0 + lane < wv1 ? topk_keys4(row.row0, group, wv0 + lane) : make_uint4(0, 0, 0, 0);
+    for (int vb = wv0; vb < wv1; vb += 32) {
+      const int v = vb + lane;
+      const uint4 k = next;  // the next round's keys load while this one is listed
+      if (vb + 32 + lane < wv1) next = topk_keys4(row.row0, group, vb + 32 + lane);
+      bool take[4];
+      int n = 0;
+      for (int e = 0; e < 4; ++e) {
+        const int t = 4 * v + e;
+        take[e] = v < wv1 && t >= lo && t < hi && key_at(k, e) >= floor_key;
+        n += take[e] ? 1 : 0;
+      }
+      int incl = n;  // inclusive scan over the warp's lanes
+      for (int d = 1; d < 32; d <<= 1) {
+        const int y = __shfl_up_sync(0xffffffffu, incl, d);
+        if (lane >= d) incl += y;
+      }
+      int at = seg + incl - n;
+      for (int e = 0; e < 4; ++e)
+        if (take[e]) {
+          if (at < kSegment) mine[at] = make_uint2(key_at(k, e), static_cast<uint32_t>(4 * v + e));
+          ++at;
+        }
+      seg += __shfl_sync(0xffffffffu, incl, 31);
+    }
+  }
+  __shared__ int sh_seg[kWarpsT];
+  if (lane == 0) sh_seg[warp] = seg;
+  __syncthreads();
+  int listed = 0, my_offset = 0;
+  bool overflow = false;
+  for (int w = 0; w < kWarpsT; ++w) {
+    if (w == warp) my_offset = listed;
+    listed += sh_seg[w];
+    overflow |= sh_seg[w] > kSegment;
+  }
+  // Pack the segments into one list: each warp stages its entries in registers, then stores them at
+  // its offset once every warp has read.
+  uint2 staged[kSegment / 32];
+  if (!overflow)
+    for (int i = 0; i < kSegment / 32; ++i) {
+      const int at = lane + 32 * i;
+      staged[i] = at < seg ? list[warp * kSegment + at] : make_uint2(0, 0);
+    }
+  __syncthreads();
+  if (!overflow)
+    for (int i = 0; i < kSegment / 32; ++i) {
+      const int at = lane + 32 * i;
+      if (at < seg) list[my_offset + at] = staged[i];
+    }
+  __syncthreads();
+  const bool use_list = !overflow;  // else (rare: many ties, a huge budget) re-scan the keys
+
+  // Passes B and C (10 and 11 more bits) over the listed keys matching the prefix.
+  for (int pass = 1; pass < 3; ++pass) {
+    const int shift = pass == 1 ? 10 : 0;
+    const uint32_t digit_mask = pass == 1 ? 0x7ffu : 0x3ffu;
+    int* h = hist + (pass & 1) * kTopkBins;
+    if (pass == 2) {  // peers finished reading pass A's histogram before the last cluster barrier
+      for (int i = tid; i < kTopkBins; i += kBlock) h[i] = 0;
+      __syncthreads();
+    }
+    if (use_list) {
+      for (int i = tid; i < listed; i += kBlock)
+        if ((list[i].x & mask) == prefix) atomicAdd(&h[(list[i].x >> shift) & digit_mask], 1);
+    } else {
+      for (int vb = v0; vb < v1; vb += kBlock) {
+        const int v = vb + tid;
+        const uint4 k = v < v1 ? topk_keys4(row.row0, group, v) : make_uint4(0, 0, 0, 0);
+        for (int e = 0; e < 4; ++e) {
+          const int t = 4 * v + e;
+          const uint32_t key = key_at(k, e);
+          warp_histogram_add(h, v < v1 && t >= lo && t < hi && (key & mask) == prefix, (key >> shift) & digit_mask);
+        }
+      }
+    }
+    choose_digit(h, shift, digit_mask);
+  }
+  const uint32_t cut = prefix;
+  const int64_t take_eq = want;  // keys equal to the cut to take, lowest positions first
+
+  // This chunk's winners above and at the cut, then its offset from the lower chunks' counts.
+  int n_gt = 0, n_eq = 0;
+  if (use_list) {
+    for (int i = tid; i < listed; i += kBlock) {
+      n_gt += list[i].x > cut ? 1 : 0;
+      n_eq += list[i].x == cut ? 1 : 0;
+    }
+  } else {
+    for (int v = v0 + tid; v < v1; v += kBlock) {
+      const uint4 k = topk_keys4(row.row0, group, v);
+      for (int e = 0; e < 4; ++e) {
+        const int t = 4 * v + e;
+        n_gt += (t >= lo && t < hi && key_at(k, e) > cut) ? 1 : 0;
+        n_eq += (t >= lo && t < hi && key_at(k, e) == cut) ? 1 : 0;
+      }
+    }
+  }
+  const int gt_total = Reduce(tmp.reduce).Sum(n_gt);
+  __syncthreads();
+  const int eq_total = Reduce(tmp.reduce).Sum(n_eq);
+  if (tid == 0) {
+    sh_counts[0] = gt_total;
+    sh_counts[1] = eq_total;
+  }
+  cluster_barrier();
+  int64_t written = p.sink, eq_seen = 0;
+  for (unsigned q = 0; q < rank; ++q) {
+    const int* c = cluster_peer(sh_counts, q);
+    const int64_t gt = c[0], eq = c[1];
+    written += gt + min64(eq, take_eq - eq_seen > 0 ? take_eq - eq_seen : 0);
+    eq_seen += eq;
+  }
+  cluster_barrier();  // no peer reads this CTA's shared memory after this: it may finish
+
+  // The ordered write, kItems entries (list) or positions (re-scan) per thread and round.
+  constexpr int kItems = 4;
+  if (use_list) {
+    for (int round = 0; round < listed; round += kBlock * kItems) {
+      uint32_t k[kItems];
+      int32_t pos[kItems];
+      bool ok[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        const int at = round + tid * kItems + i;
+        ok[i] = at < listed;
+        const uint2 entry = ok[i] ? list[at] : make_uint2(0, 0);
+        k[i] = entry.x;
+        pos[i] = static_cast<int32_t>(entry.y);
+      }
+      topk_write_round<kBlock, kItems, Scan>(tmp.scan, k, pos, ok, cut, take_eq, eq_seen, written, out);
+    }
+  } else {
+    for (int vb = v0; vb < v1; vb += kBlock) {
+      const int v = vb + tid;
+      const uint4 x = v < v1 ? topk_keys4(row.row0, group, v) : make_uint4(0, 0, 0, 0);
+      uint32_t k[kItems];
+      int32_t pos[kItems];
+      bool ok[kItems];
+#pragma unroll
+      for (int i = 0; i < kItems; ++i) {
+        k[i] = key_at(x, i);
+        pos[i] = 4 * v + i;
+        ok[i] = v < v1 && pos[i] >= lo && pos[i] < hi;
+      }
+      topk_write_round<kBlock, kItems, Scan>(tmp.scan, k, pos, ok, cut, take_eq, eq_seen, written, out);
+    }
   }
 }
 

@@ -20,7 +20,10 @@ void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int d
 // (contiguous [B, Hq, S, D] of dtype); lse (optional, [B * Hq * S] fp32) receives each row's logsumexp.
 const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* out, float* lse, void* stream);
 
-// Sorted top-k index rows from the scores select's attention wrote.
+// CTAs per selection row (p.cluster) and the positions each takes (p.chunk), for device `device`.
+void plan_topk(TopkParams& p, int device);
+
+// Sorted top-k index rows from the scores select's attention wrote (p planned by plan_topk).
 const char* launch_topk(const TopkParams& p, void* stream);
 
 // correct_kv_attention's cache write.

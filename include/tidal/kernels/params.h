@@ -109,23 +109,22 @@ struct AttnParams {
 };
 
 struct TopkParams {
-  float* scores = nullptr;      // [B, Hq, ld] raw scores; group mode overwrites each group's first row
+  float* scores = nullptr;      // [B, Hq, ld] raw scores; group mode may overwrite each group's first row
   int64_t ld = 0;               // row pitch, a multiple of 4
   const float* lse = nullptr;   // [B, Hq] (group mode)
   const int32_t* seq_lens = nullptr;
   int32_t* indices = nullptr;   // [B, Hsel, top_k]
-  int* hist = nullptr;          // [3, B * Hsel, kTopkBins] radix histograms, zeroed before the passes
-  int* done = nullptr;          // [3, B * Hsel] CTAs finished per pass and row, zeroed
-  int64_t* state = nullptr;     // [B * Hsel, 3] radix state (prefix, mask, want) after each pass
-  int* counts = nullptr;        // [B * Hsel, chunks, 2]: keys above / equal to the cut per chunk
   int64_t B = 0, Hq = 0, Hsel = 0, N = 0, top_k = 0, sink = 0, recent = 0;
-  int64_t chunks = 1;           // CTAs per selection row, each kTopkChunk positions
+  int cluster = 1;              // CTAs (a thread-block cluster) per selection row
+  int64_t chunk = 0;            // positions per CTA, a multiple of 4
 };
 
-constexpr int kTopkBins = 2048;     // radix digits of 11, 11 and 10 bits
-constexpr int kTopkBlock = 512;     // threads of a top-k CTA
-constexpr int kTopkChunk = 16384;   // positions per top-k CTA (fewer, longer CTAs amortize their
-                                    // fixed latency: state load, histogram flush, scans)
-constexpr int kTopkUnroll = 4;      // 16-byte loads in flight per thread in the streaming loops
+constexpr int kTopkBins = 2048;        // radix digits of 11, 11 and 10 bits
+constexpr int kTopkBlock = 512;        // threads of a top-k CTA
+constexpr int kTopkChunk = 16384;     // positions a CTA aims for where rows outnumber the device
+constexpr int kTopkMinChunk = 2048;    // fewest positions a CTA takes (a row's cluster size cap)
+constexpr int kTopkListCap = 4096;     // possible winners a CTA lists in shared memory (48 KB in
+                                       // all with the histograms: four CTAs an SM)
+constexpr int kTopkMaxCluster = 8;     // the portable cluster size
 
 }  // namespace tidal::kernels
