@@ -58,6 +58,31 @@ int64_t topk_cluster_limit(int device) {
   return cache[device];
 }
 
+// The top-k kernel's shared memory (48 KB dynamic, more than the default allows) and carveout (all
+// shared memory, so an SM holds as many of a cluster's CTAs as its registers allow).
+cudaError_t topk_set_attributes() {
+  const auto kernel = topk_kernel<kTopkBlock>;
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTopkSmemBytes));
+  if (err != cudaSuccess) return err;
+  return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+}
+
+// The top-k kernel's launch configuration: clusters of `cs` CTAs (the attribute lives in *cluster).
+cudaLaunchConfig_t topk_config(dim3 grid, int cs, cudaStream_t stream, cudaLaunchAttribute* cluster) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(kTopkBlock);
+  config.dynamicSmemBytes = kTopkSmemBytes;
+  config.stream = stream;
+  cluster->id = cudaLaunchAttributeClusterDimension;
+  cluster->val.clusterDim.x = static_cast<unsigned>(cs);
+  cluster->val.clusterDim.y = cluster->val.clusterDim.z = 1;
+  config.attrs = cluster;
+  config.numAttrs = cs > 1 ? 1 : 0;
+  return config;
+}
+
 // Clusters of `cs` top-k CTAs the device runs at once (cached per device and size).
 int64_t topk_active_clusters(int device, int cs) {
   constexpr int kMaxDevices = 64;
@@ -67,21 +92,12 @@ int64_t topk_active_clusters(int device, int cs) {
   if (device < 0 || device >= kMaxDevices) device = 0;
   int& slot = cache[device][cs];
   if (slot == 0) {
-    const auto kernel = topk_kernel<kTopkBlock>;
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTopkSmemBytes));
-    cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
-    cudaLaunchConfig_t config = {};
-    config.gridDim = dim3(static_cast<unsigned>(cs));
-    config.blockDim = dim3(kTopkBlock);
-    config.dynamicSmemBytes = kTopkSmemBytes;
-    cudaLaunchAttribute cluster[1];
-    cluster[0].id = cudaLaunchAttributeClusterDimension;
-    cluster[0].val.clusterDim.x = static_cast<unsigned>(cs);
-    cluster[0].val.clusterDim.y = cluster[0].val.clusterDim.z = 1;
-    config.attrs = cluster;
-    config.numAttrs = 1;
+    cudaLaunchAttribute cluster;
+    const cudaLaunchConfig_t config = topk_config(dim3(static_cast<unsigned>(cs)), cs, nullptr, &cluster);
     int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, kernel, &config) != cudaSuccess) n = 0;
+    if (topk_set_attributes() != cudaSuccess ||
+        cudaOccupancyMaxActiveClusters(&n, topk_kernel<kTopkBlock>, &config) != cudaSuccess)
+      n = 0;
     cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
     slot = n > 0 ? n : -1;
   }
@@ -126,26 +142,15 @@ void plan_topk(TopkParams& p, int device) {
 const char* launch_topk(const TopkParams& p, void* stream) {
   const int64_t rows = p.B * p.Hsel;
   if (rows == 0) return nullptr;
-  const auto kernel = topk_kernel<kTopkBlock>;
-  cudaError_t attr =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTopkSmemBytes));
-  if (attr == cudaSuccess)  // all shared memory: four CTAs an SM, so a cluster of 8 spans few SMs
-    attr = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+  const cudaError_t attr = topk_set_attributes();
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
-  cudaLaunchConfig_t config = {};
-  // Selection heads x cluster ranks in x (<= 2^31 - 1), the batch in y (<= 65535): both checked by the launcher.
-  config.gridDim = dim3(static_cast<unsigned>(p.Hsel * p.cluster), static_cast<unsigned>(p.B));
-  config.blockDim = dim3(kTopkBlock);
-  config.dynamicSmemBytes = kTopkSmemBytes;
-  config.stream = static_cast<cudaStream_t>(stream);
-  cudaLaunchAttribute cluster[1];
-  cluster[0].id = cudaLaunchAttributeClusterDimension;
-  cluster[0].val.clusterDim.x = static_cast<unsigned>(p.cluster);
-  cluster[0].val.clusterDim.y = 1;
-  cluster[0].val.clusterDim.z = 1;
-  config.attrs = cluster;
-  config.numAttrs = p.cluster > 1 ? 1 : 0;
-  const cudaError_t err = cudaLaunchKernelEx(&config, kernel, p);
+  // Selection heads x cluster ranks in x (<= 2^31 - 1), the batch in y (<= 65535): both checked by
+  // the launcher.
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t config =
+      topk_config(dim3(static_cast<unsigned>(p.Hsel * p.cluster), static_cast<unsigned>(p.B)), p.cluster,
+                  static_cast<cudaStream_t>(stream), &cluster);
+  const cudaError_t err = cudaLaunchKernelEx(&config, topk_kernel<kTopkBlock>, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

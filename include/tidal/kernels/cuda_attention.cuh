@@ -1,12 +1,13 @@
-// CUDA kernels of the tidal ops, framework-free (CUDA, cuda_fp16/cuda_bf16 and CUB only).
+// CUDA kernels of the tidal ops, framework-free (CUDA, cuda_fp16/cuda_bf16, CUB and cooperative
+// groups only).
 //
 // One attention kernel serves all four ops. A CTA (4 warps) takes up to 16 query rows that share a
 // KV head (the G query heads of a group for decode/select/group-sparse, one head for head-sparse,
 // (query, head) pairs for correct_kv) and one split of the position space, streams K/V tiles of 64
-// tokens through shared memory with cp.async (double buffered), computes S = Q K^T and O += P V with
+// tokens through shared memory with cp.async (three stages), computes S = Q K^T and O += P V with
 // m16n8k16 tensor-core MMAs (fp32 accumulation), keeps an online softmax per warp, and writes a
 // partial result (m, l, O) per split. merge_splits_kernel combines the splits (flash-decoding), and
-// the topk_* kernels turn the raw scores select_attention asked for into sorted top-k index rows.
+// topk_kernel turns the raw scores select_attention asked for into sorted top-k index rows.
 #pragma once
 
 #include <cuda_bf16.h>

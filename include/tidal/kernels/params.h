@@ -121,10 +121,10 @@ struct TopkParams {
 
 constexpr int kTopkBins = 2048;        // radix digits of 11, 11 and 10 bits
 constexpr int kTopkBlock = 512;        // threads of a top-k CTA
-constexpr int kTopkChunk = 16384;     // positions a CTA aims for where rows outnumber the device
+constexpr int kTopkChunk = 16384;      // positions a CTA aims for where rows outnumber the device
 constexpr int kTopkMinChunk = 2048;    // fewest positions a CTA takes (a row's cluster size cap)
 constexpr int kTopkListCap = 4096;     // possible winners a CTA lists in shared memory (48 KB in
-                                       // all with the histograms: four CTAs an SM)
+                                       // all with the histograms)
 constexpr int kTopkMaxCluster = 8;     // the portable cluster size
 
 }  // namespace tidal::kernels
