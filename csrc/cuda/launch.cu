@@ -21,41 +21,43 @@ const char* last_error() {
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-// Resident CTAs the device holds: SMs x CTAs per SM of this kernel (cached per device, dtype, D).
-int64_t resident_ctas(DType dtype, int64_t D, int device) {
-  constexpr int kMaxDevices = 64, kDims = 5;
+// A small nonzero int per device and slot, computed once by compute() (driver queries). Each call
+// site, a distinct lambda type, keeps its own table.
+template <int kSlots, typename Compute>
+int cached_per_device(int device, int slot, Compute compute) {
+  constexpr int kMaxDevices = 64;
   static std::mutex mu;
-  static int cache[kMaxDevices][2][kDims] = {};
-  const int d = D == 32 ? 0 : D == 64 ? 1 : D == 96 ? 2 : D == 128 ? 3 : 4;
-  const int t = dtype == DType::Half ? 0 : 1;
+  static int cache[kMaxDevices][kSlots] = {};
   std::lock_guard<std::mutex> lock(mu);
   if (device < 0 || device >= kMaxDevices) device = 0;
-  int& slot = cache[device][t][d];
-  if (slot == 0) {
+  int& value = cache[device][slot];
+  if (value == 0) value = compute();
+  return value;
+}
+
+// Resident CTAs the device holds: SMs x CTAs per SM of this kernel (cached per device, dtype, D).
+int64_t resident_ctas(DType dtype, int64_t D, int device) {
+  constexpr int kDims = 5;
+  const int d = D == 32 ? 0 : D == 64 ? 1 : D == 96 ? 2 : D == 128 ? 3 : 4;
+  const int t = dtype == DType::Half ? 0 : 1;
+  return cached_per_device<2 * kDims>(device, t * kDims + d, [&] {
     int sms = 0;
     cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    slot = (sms > 0 ? sms : 1) * (dtype == DType::Half ? ctas_per_sm_fp16(D) : ctas_per_sm_bf16(D));
-  }
-  return slot;
+    return (sms > 0 ? sms : 1) * (dtype == DType::Half ? ctas_per_sm_fp16(D) : ctas_per_sm_bf16(D));
+  });
 }
 
 // CTAs a selection row may take: a portable cluster where both the device (sm_90+) and the code the
 // top-k kernel runs (its PTX target) have clusters, else 1. Cached per device.
 int64_t topk_cluster_limit(int device) {
-  constexpr int kMaxDevices = 64;
-  static std::mutex mu;
-  static int cache[kMaxDevices] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= kMaxDevices) device = 0;
-  if (cache[device] == 0) {
+  return cached_per_device<1>(device, 0, [&] {
     int major = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaFuncAttributes attrs = {};
     const bool compiled = cudaFuncGetAttributes(&attrs, topk_kernel<kTopkBlock>) == cudaSuccess && attrs.ptxVersion >= 90;
     cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
-    cache[device] = major >= 9 && compiled ? kTopkMaxCluster : 1;
-  }
-  return cache[device];
+    return major >= 9 && compiled ? kTopkMaxCluster : 1;
+  });
 }
 
 // The top-k kernel's shared memory (48 KB dynamic, more than the default allows) and carveout (all
@@ -85,13 +87,7 @@ cudaLaunchConfig_t topk_config(dim3 grid, int cs, cudaStream_t stream, cudaLaunc
 
 // Clusters of `cs` top-k CTAs the device runs at once (cached per device and size).
 int64_t topk_active_clusters(int device, int cs) {
-  constexpr int kMaxDevices = 64;
-  static std::mutex mu;
-  static int cache[kMaxDevices][kTopkMaxCluster + 1] = {};
-  std::lock_guard<std::mutex> lock(mu);
-  if (device < 0 || device >= kMaxDevices) device = 0;
-  int& slot = cache[device][cs];
-  if (slot == 0) {
+  return cached_per_device<kTopkMaxCluster + 1>(device, cs, [&] {
     cudaLaunchAttribute cluster;
     const cudaLaunchConfig_t config = topk_config(dim3(static_cast<unsigned>(cs)), cs, nullptr, &cluster);
     int n = 0;
@@ -99,9 +95,8 @@ int64_t topk_active_clusters(int device, int cs) {
         cudaOccupancyMaxActiveClusters(&n, topk_kernel<kTopkBlock>, &config) != cudaSuccess)
       n = 0;
     cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
-    slot = n > 0 ? n : -1;
-  }
-  return slot;
+    return n > 0 ? n : -1;
+  });
 }
 
 }  // namespace
