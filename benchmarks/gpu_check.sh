@@ -5,6 +5,7 @@
 # the C++ examples + app benchmark and the SmolLM2 accuracy evaluation (further calls on the warm
 # machine, the build kept: STAGES="fuzz app", then STAGES=accuracy). Logs and JSON go under $OUT; a
 # short summary is printed last.
+#   bench     benchmarks/gather_floor.cu (the practical floor of random-row reads), bench_ops.py
 #   fuzz      tests/fuzz.py, 8 processes, FUZZ_CASES (10000) within FUZZ_SECONDS (400)
 #   app       the C++ examples built against the installed package, then the C++ decode app benchmark
 #   accuracy  benchmarks/eval_accuracy.py on SmolLM2. The GGUF file is larger than one call may
@@ -58,11 +59,13 @@ fi
 if has sanitize; then
   t0=$(stamp)
   # memcheck: every op on the reduced sweep (B=3 cases); racecheck (slower): its bf16 half.
+  # Plus every plan of the sparse gather kernel (tests/test_cuda.py::test_sparse_plans). cuDNN's own
+  # kernels (the tests' SDPA baselines) are left out: racecheck reports hazards inside them.
   subset="cuda and B3 and (test_decode_attention or test_select_attention or test_sparse_attention_random or test_correct_kv_attention)"
   for tool in memcheck racecheck; do
-    filter=$subset; [ $tool = racecheck ] && filter="$subset and bf16"
-    compute-sanitizer --tool $tool --error-exitcode 9 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py \
-      -k "$filter" >"$OUT/$tool.log" 2>&1
+    filter="($subset) or test_sparse_plans"; [ $tool = racecheck ] && filter="(($subset) and bf16) or test_sparse_plans"
+    compute-sanitizer --tool $tool --kernel-name-exclude kns=cudnn --error-exitcode 9 "$PY" -m pytest -q -p no:cacheprovider tests/test_ops.py \
+      tests/test_cuda.py -k "$filter" >"$OUT/$tool.log" 2>&1
     echo "rc $?" >>"$OUT/$tool.log"
   done
   "$PY" - "$OUT" <<'PYEOF'
@@ -75,7 +78,8 @@ result = {"card": card_name(), "device": name,
           "date": str(datetime.date.today()), "tools": [], "tests": 0, "errors": 0, "runs": []}
 for tool in ("memcheck", "racecheck"):
     log = open(f"{out}/{tool}.log").read()
-    errors = sum(int(n) for n in re.findall(r"ERROR SUMMARY: (\d+) error", log))
+    # memcheck ends with "ERROR SUMMARY: n errors", racecheck with "RACECHECK SUMMARY: ... (n errors, ...)"
+    errors = sum(int(n) for n in re.findall(r"(?:ERROR SUMMARY: |RACECHECK SUMMARY: .*\()(\d+) error", log))
     passed = int((re.findall(r"(\d+) passed", log) or ["0"])[-1])
     failed = int((re.findall(r"(\d+) failed", log) or ["0"])[-1])
     result["tools"].append(tool)
@@ -87,7 +91,7 @@ json.dump(result, open(f"{out}/sanitizer.json", "w"), indent=1)
 print("sanitizer:", ", ".join(f"{r['tool']} {r['tests_passed']} passed / {r['tests_failed']} failed, {r['errors']} errors"
                               for r in result["runs"]))
 PYEOF
-  summary+=("sanitizer: $(grep -hE 'ERROR SUMMARY' "$OUT/memcheck.log" "$OUT/racecheck.log" | tr '\n' ' ') ($(( $(stamp) - t0 )) s)")
+  summary+=("sanitizer: $(grep -hE '(ERROR|RACECHECK) SUMMARY' "$OUT/memcheck.log" "$OUT/racecheck.log" | tr '\n' ' ') ($(( $(stamp) - t0 )) s)")
 fi
 
 if has fuzz; then
@@ -98,6 +102,10 @@ if has fuzz; then
 fi
 
 if has bench; then
+  # The practical floor of sparse_attention's reads (random 256-byte rows), beside bench_ops' copy floor.
+  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/gather_floor benchmarks/gather_floor.cu &&
+    /tmp/gather_floor 131072 2048 >"$OUT/gather_floor.json" 2>"$OUT/gather_floor.log"
+  summary+=("$(tail -1 "$OUT/gather_floor.log")")
   "$PY" benchmarks/bench_ops.py --out "$OUT/ops.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -70
 fi
 

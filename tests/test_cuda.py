@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import tidal_ext
-from _util import assert_accurate, baseline_decode, baseline_sparse, check_selection, poison_beyond, ref
+from _util import (assert_accurate, baseline_decode, baseline_sparse, check_selection, indices_mask, poison_beyond,
+                   ref)
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -65,6 +66,39 @@ def test_select_ties_across_top_k_chunks(mode, top_k):
     else:
         check_selection(idx, ref_idx, ref.selection_scores(q, k, sl, mode), sl.tolist(), top_k, 3, 5,
                         rel_tol=1e-5, what="group ties")
+
+
+@pytest.mark.parametrize("B,Hq,Hkv,D,K,mode", [
+    (1, 32, 8, 128, 2048, "head"),   # 32 index rows: splits merged in a thread-block cluster
+    (1, 4, 1, 128, 3001, "group"),   # one index row: many splits, partials + merge kernel
+    (64, 8, 8, 64, 300, "head"),     # 512 index rows: one CTA a row, output written directly
+    (2, 6, 3, 256, 777, "group"),    # 2 query rows per index row
+    (3, 9, 3, 32, 1500, "group"),    # 3 query rows (padded to 4)
+    (2, 16, 2, 128, 1000, "group"),  # 8 query rows: the tile kernel takes it
+    (2, 8, 2, 96, 1000, "head"),     # D = 96: the tile kernel takes it
+], ids=["cluster", "merged", "whole-row", "G2-D256", "G3-D32", "G8-tile", "D96-tile"])
+def test_sparse_plans(B, Hq, Hkv, D, K, mode):
+    """sparse_attention's gather kernel over each of its plans (whole row per CTA, splits merged in a
+    cluster, splits merged by the merge kernel) and the tile kernel where the gather kernel does not
+    apply; index rows with -1, out-of-range entries and a length that cuts a row's list, split
+    sizes that leave slots of a warp with unequal work; NaN at every unlisted position."""
+    N = 4 * K + 33
+    lens = [N - 7 * b for b in range(B)]
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16)
+    sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    hsel = Hq if mode == "head" else Hkv
+    idx = torch.rand(B, hsel, N, device="cuda").argsort(-1)[..., :K].to(torch.int32)  # distinct positions
+    idx[:, :, ::7] = -1
+    idx[:, :, 3::11] = N + 5
+    k0, v0 = k.clone(), v.clone()
+    listed = indices_mask(idx, lens, B, Hq, Hkv, N, "cuda").view(B, Hkv, Hq // Hkv, N).any(2)
+    k[~listed] = float("nan")
+    v[~listed] = float("nan")
+    out = tidal_ext.sparse_attention(q, k, v, idx, sl)
+    assert_accurate(out, ref.sparse_attention(q, k, v, idx, sl), baseline_sparse(q, k0, v0, idx, lens),
+                    torch.bfloat16, f"sparse {mode} D={D}")
 
 
 def test_correct_kv_long_chunk():

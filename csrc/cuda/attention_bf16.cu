@@ -5,4 +5,9 @@ const char* launch_attention_bf16(const AttnParams& p, int64_t D, void* out, flo
   return launch_attention_for<__nv_bfloat16>(p, D, out, lse, stream);
 }
 int ctas_per_sm_bf16(int64_t D) { return ctas_per_sm<__nv_bfloat16>(D); }
+const char* launch_gather_bf16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream) {
+  return launch_gather_for<__nv_bfloat16>(p, D, out, stream);
+}
+int gather_ctas_per_sm_bf16(int64_t D, int R) { return gather_ctas_per_sm<__nv_bfloat16>(D, R); }
+int gather_active_clusters_bf16(int64_t D, int R, int cs) { return gather_active_clusters<__nv_bfloat16>(D, R, cs); }
 }  // namespace tidal::kernels::cuda

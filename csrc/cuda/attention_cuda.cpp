@@ -164,7 +164,19 @@ at::Tensor sparse_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   p.indices = idx.data_ptr<int32_t>();
   p.K = idx.size(2);
   p.rows_per_group = idx.size(1) == p.Hq ? 1 : p.Hq / p.Hkv;  // a row per query head or per KV head
-  run_attention(op, p, c.dtype, c.launch.params.D, p.K, q, c.launch.out, nullptr);
+  const int64_t D = c.launch.params.D;
+  if (!kc::gather_takes(D, p.rows_per_group)) {
+    run_attention(op, p, c.dtype, D, p.K, q, c.launch.out, nullptr);
+    return c.launch.out;
+  }
+  kc::plan_gather(p, c.dtype, D, q.get_device());
+  // Partials only where the splits do not merge in a cluster.
+  const int64_t partials = p.splits > 1 && p.cluster != p.splits ? p.B * p.Hq * p.splits : 0;
+  const auto f32 = q.options().dtype(at::kFloat);
+  at::Tensor part_o = at::empty({partials * D}, f32), part_ml = at::empty({partials * 2}, f32);
+  p.part_o = part_o.data_ptr<float>();
+  p.part_ml = part_ml.data_ptr<float>();
+  check_launch(op, kc::launch_gather(p, c.dtype, D, c.launch.out.data_ptr(), current_stream(q)));
   return c.launch.out;
 }
 

@@ -5,4 +5,9 @@ const char* launch_attention_fp16(const AttnParams& p, int64_t D, void* out, flo
   return launch_attention_for<__half>(p, D, out, lse, stream);
 }
 int ctas_per_sm_fp16(int64_t D) { return ctas_per_sm<__half>(D); }
+const char* launch_gather_fp16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream) {
+  return launch_gather_for<__half>(p, D, out, stream);
+}
+int gather_ctas_per_sm_fp16(int64_t D, int R) { return gather_ctas_per_sm<__half>(D, R); }
+int gather_active_clusters_fp16(int64_t D, int R, int cs) { return gather_active_clusters<__half>(D, R, cs); }
 }  // namespace tidal::kernels::cuda

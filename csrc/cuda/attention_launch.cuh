@@ -5,6 +5,7 @@
 #include <cuda_runtime.h>
 
 #include "tidal/kernels/cuda_attention.cuh"
+#include "tidal/kernels/cuda_sparse.cuh"
 #include "tidal/kernels/cuda_launch.h"
 
 namespace tidal::kernels::cuda {
@@ -55,6 +56,95 @@ int ctas_per_sm(int64_t D) {
     default: query(attention_split_kernel<T, 256>, AttnSmem<T, 256>::kBytes); break;
   }
   return n > 0 ? n : 1;
+}
+
+// A launch configuration in clusters of `cs` CTAs along x (the attribute lives in *cluster).
+inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, int threads, size_t smem, int cs, cudaStream_t stream,
+                                                cudaLaunchAttribute* cluster) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = dim3(static_cast<unsigned>(threads));
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cluster->id = cudaLaunchAttributeClusterDimension;
+  cluster->val.clusterDim.x = static_cast<unsigned>(cs);
+  cluster->val.clusterDim.y = cluster->val.clusterDim.z = 1;
+  config.attrs = cluster;
+  config.numAttrs = cs > 1 ? 1 : 0;
+  return config;
+}
+
+// The gather kernel for sparse_attention (p planned by plan_gather), then merge_splits where the
+// splits are not merged in-cluster.
+template <typename T, int D, int R>
+const char* launch_gather_typed(const AttnParams& p, void* out, cudaStream_t stream) {
+  const int64_t rows = p.B * p.Hq;
+  if (rows == 0) return nullptr;
+  // Index rows x splits in x (<= Hq x splits), the batch (<= 65535, checked by the launcher) in y.
+  // Shared memory is under 48 KB: no attribute needed.
+  cudaLaunchAttribute cluster;
+  const cudaLaunchConfig_t config = cluster_launch_config(
+      dim3(static_cast<unsigned>(p.row_groups() * p.splits), static_cast<unsigned>(p.B)), kGatherThreads,
+      GatherSmem<D, R>::kBytes, p.cluster, stream, &cluster);
+  cudaError_t err = cudaLaunchKernelEx(&config, sparse_gather_kernel<T, D, R>, p, static_cast<T*>(out));
+  if (err == cudaSuccess && p.splits > 1 && p.cluster != p.splits) {
+    merge_splits_kernel<T, D><<<static_cast<unsigned>(rows), D, 0, stream>>>(p.part_o, p.part_ml, p.splits,
+                                                                             static_cast<T*>(out), nullptr);
+    err = cudaGetLastError();
+  }
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+// f(D, R) as std::integral_constant values for the gather instance of head dim D and R query rows:
+// one switch serves the launch and the occupancy query.
+template <typename F>
+auto with_gather_instance(int64_t D, int R, F f) {
+  auto by_rows = [&](auto d) {
+    switch (R) {
+      case 1: return f(d, std::integral_constant<int, 1>{});
+      case 2: return f(d, std::integral_constant<int, 2>{});
+      default: return f(d, std::integral_constant<int, 4>{});
+    }
+  };
+  switch (D) {
+    case 32: return by_rows(std::integral_constant<int, 32>{});
+    case 64: return by_rows(std::integral_constant<int, 64>{});
+    case 128: return by_rows(std::integral_constant<int, 128>{});
+    default: return by_rows(std::integral_constant<int, 256>{});
+  }
+}
+
+template <typename T>
+const char* launch_gather_for(const AttnParams& p, int64_t D, void* out, cudaStream_t stream) {
+  return with_gather_instance(D, gather_rows(p.rows_per_group), [&](auto d, auto r) {
+    return launch_gather_typed<T, decltype(d)::value, decltype(r)::value>(p, out, stream);
+  });
+}
+
+template <typename T>
+int gather_ctas_per_sm(int64_t D, int R) {
+  return with_gather_instance(D, R, [&](auto d, auto r) {
+    constexpr int kD = decltype(d)::value, kR = decltype(r)::value;
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, sparse_gather_kernel<T, kD, kR>, kGatherThreads,
+                                                  GatherSmem<kD, kR>::kBytes);
+    return n > 0 ? n : 1;
+  });
+}
+
+// Clusters of `cs` gather CTAs the device runs at once (0 where it runs none or cannot say).
+template <typename T>
+int gather_active_clusters(int64_t D, int R, int cs) {
+  return with_gather_instance(D, R, [&](auto d, auto r) {
+    constexpr int kD = decltype(d)::value, kR = decltype(r)::value;
+    cudaLaunchAttribute cluster;
+    const cudaLaunchConfig_t config =
+        cluster_launch_config(dim3(static_cast<unsigned>(cs)), kGatherThreads, GatherSmem<kD, kR>::kBytes, cs, nullptr, &cluster);
+    int n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, sparse_gather_kernel<T, kD, kR>, &config) != cudaSuccess) n = 0;
+    cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
+    return n;
+  });
 }
 
 }  // namespace tidal::kernels::cuda

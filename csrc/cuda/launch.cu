@@ -4,8 +4,7 @@
 #include <algorithm>
 #include <mutex>
 
-#include "tidal/kernels/cuda_attention.cuh"
-#include "tidal/kernels/cuda_launch.h"
+#include "attention_launch.cuh"
 
 namespace tidal::kernels::cuda {
 
@@ -13,6 +12,12 @@ const char* launch_attention_bf16(const AttnParams& p, int64_t D, void* out, flo
 const char* launch_attention_fp16(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream);
 int ctas_per_sm_bf16(int64_t D);
 int ctas_per_sm_fp16(int64_t D);
+const char* launch_gather_bf16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
+const char* launch_gather_fp16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
+int gather_ctas_per_sm_bf16(int64_t D, int R);
+int gather_ctas_per_sm_fp16(int64_t D, int R);
+int gather_active_clusters_bf16(int64_t D, int R, int cs);
+int gather_active_clusters_fp16(int64_t D, int R, int cs);
 
 namespace {
 
@@ -35,28 +40,47 @@ int cached_per_device(int device, int slot, Compute compute) {
   return value;
 }
 
-// Resident CTAs the device holds: SMs x CTAs per SM of this kernel (cached per device, dtype, D).
+int sm_count(int device) {
+  int sms = 0;
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  return sms > 0 ? sms : 1;
+}
+
+// Index of a head dim in kHeadDims.
+int head_dim_slot(int64_t D) { return D == 32 ? 0 : D == 64 ? 1 : D == 96 ? 2 : D == 128 ? 3 : 4; }
+
+// Resident CTAs the device holds: SMs x CTAs per SM of the tile kernel (cached per device, dtype, D).
 int64_t resident_ctas(DType dtype, int64_t D, int device) {
-  constexpr int kDims = 5;
-  const int d = D == 32 ? 0 : D == 64 ? 1 : D == 96 ? 2 : D == 128 ? 3 : 4;
   const int t = dtype == DType::Half ? 0 : 1;
-  return cached_per_device<2 * kDims>(device, t * kDims + d, [&] {
-    int sms = 0;
-    cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-    return (sms > 0 ? sms : 1) * (dtype == DType::Half ? ctas_per_sm_fp16(D) : ctas_per_sm_bf16(D));
+  return cached_per_device<2 * 5>(device, t * 5 + head_dim_slot(D), [&] {
+    return sm_count(device) * (dtype == DType::Half ? ctas_per_sm_fp16(D) : ctas_per_sm_bf16(D));
   });
 }
 
-// CTAs a selection row may take: a portable cluster where both the device (sm_90+) and the code the
-// top-k kernel runs (its PTX target) have clusters, else 1. Cached per device.
-int64_t topk_cluster_limit(int device) {
+// The same for the gather kernel with R query rows (1, 2 or 4): its resident CTAs (cs = 1) or the
+// clusters of cs CTAs it runs at once (-1 for none).
+int64_t gather_capacity(DType dtype, int64_t D, int R, int cs, int device) {
+  const int t = dtype == DType::Half ? 0 : 1, r = R == 1 ? 0 : R == 2 ? 1 : 2;
+  constexpr int kSizes = kMaxCluster + 1;
+  return cached_per_device<2 * 5 * 3 * kSizes>(device, ((t * 5 + head_dim_slot(D)) * 3 + r) * kSizes + cs, [&] {
+    if (cs == 1)
+      return sm_count(device) * (dtype == DType::Half ? gather_ctas_per_sm_fp16(D, R) : gather_ctas_per_sm_bf16(D, R));
+    const int n = dtype == DType::Half ? gather_active_clusters_fp16(D, R, cs) : gather_active_clusters_bf16(D, R, cs);
+    return n > 0 ? n : -1;
+  });
+}
+
+// CTAs a thread-block cluster may take: a portable cluster where both the device (sm_90+) and the
+// code the kernels run (the top-k kernel's PTX target stands for all: one build) have clusters,
+// else 1. Cached per device.
+int64_t cluster_limit(int device) {
   return cached_per_device<1>(device, 0, [&] {
     int major = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaFuncAttributes attrs = {};
     const bool compiled = cudaFuncGetAttributes(&attrs, topk_kernel<kTopkBlock>) == cudaSuccess && attrs.ptxVersion >= 90;
     cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
-    return major >= 9 && compiled ? kTopkMaxCluster : 1;
+    return major >= 9 && compiled ? kMaxCluster : 1;
   });
 }
 
@@ -72,22 +96,12 @@ cudaError_t topk_set_attributes() {
 
 // The top-k kernel's launch configuration: clusters of `cs` CTAs (the attribute lives in *cluster).
 cudaLaunchConfig_t topk_config(dim3 grid, int cs, cudaStream_t stream, cudaLaunchAttribute* cluster) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(kTopkBlock);
-  config.dynamicSmemBytes = kTopkSmemBytes;
-  config.stream = stream;
-  cluster->id = cudaLaunchAttributeClusterDimension;
-  cluster->val.clusterDim.x = static_cast<unsigned>(cs);
-  cluster->val.clusterDim.y = cluster->val.clusterDim.z = 1;
-  config.attrs = cluster;
-  config.numAttrs = cs > 1 ? 1 : 0;
-  return config;
+  return cluster_launch_config(grid, kTopkBlock, kTopkSmemBytes, cs, stream, cluster);
 }
 
 // Clusters of `cs` top-k CTAs the device runs at once (cached per device and size).
 int64_t topk_active_clusters(int device, int cs) {
-  return cached_per_device<kTopkMaxCluster + 1>(device, cs, [&] {
+  return cached_per_device<kMaxCluster + 1>(device, cs, [&] {
     cudaLaunchAttribute cluster;
     const cudaLaunchConfig_t config = topk_config(dim3(static_cast<unsigned>(cs)), cs, nullptr, &cluster);
     int n = 0;
@@ -119,12 +133,46 @@ const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* 
   return dtype == DType::Half ? launch_attention_fp16(p, D, out, lse, s) : launch_attention_bf16(p, D, out, lse, s);
 }
 
+bool gather_takes(int64_t D, int64_t rows_per_group) {
+  return gather_head_dim(D) && rows_per_group >= 1 && rows_per_group <= kGatherMaxRows;
+}
+
+void plan_gather(AttnParams& p, DType dtype, int64_t D, int device) {
+  // One wave of CTAs over the index rows, each split at least one batch of every slot. Up to
+  // kMaxCluster splits form a thread-block cluster where the device has them: the largest size at
+  // which every index row's cluster runs at once (an H200 runs 30 clusters of 8 of these CTAs, not
+  // the 32 of a 32-head row set); the splits then merge in-cluster, with no merge kernel and no
+  // partials in memory. More splits (few index rows) write partials for merge_splits, at most
+  // kMaxMergedSplits (measured on an H200, 1x128K, top-k 2048, group mode: 16 splits 11.0 us,
+  // 32 splits 11.7 us, an 8-CTA cluster 13.6 us).
+  constexpr int64_t kMaxMergedSplits = 16;
+  const int R = gather_rows(p.rows_per_group);
+  const int64_t per_batch = gather_slots(D) * gather_batch(R);
+  const int64_t index_rows = p.B * p.row_groups();
+  const int64_t most = p.K > 0 ? (p.K + per_batch - 1) / per_batch : 1;
+  int64_t splits = index_rows > 0 ? gather_capacity(dtype, D, R, 1, device) / index_rows : 1;
+  splits = std::max<int64_t>(1, std::min(splits, most));
+  int64_t cs = 1;
+  if (splits <= kMaxCluster)
+    for (int64_t c = std::min(splits, cluster_limit(device)); c > 1 && cs == 1; --c)
+      if (index_rows <= gather_capacity(dtype, D, R, static_cast<int>(c), device)) cs = c;
+  splits = cs > 1 ? cs : std::min(splits, kMaxMergedSplits);
+  p.splits = static_cast<int>(splits);
+  p.cluster = static_cast<int>(cs);
+  p.chunk = (p.K + splits - 1) / splits;
+}
+
+const char* launch_gather(const AttnParams& p, DType dtype, int64_t D, void* out, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  return dtype == DType::Half ? launch_gather_fp16(p, D, out, s) : launch_gather_bf16(p, D, out, s);
+}
+
 void plan_topk(TopkParams& p, int device) {
   // The largest cluster (chunks of at least kTopkMinChunk positions) whose rows all run at once;
   // where none does (many rows), chunks of about kTopkChunk. Measured on an H200 (N = 16K, 128K):
   // one wave of 8-CTA clusters beats smaller ones, a second wave costs more than smaller clusters.
   const int64_t rows = p.B * p.Hsel;
-  const int64_t limit = std::min<int64_t>(topk_cluster_limit(device), (p.N + kTopkMinChunk - 1) / kTopkMinChunk);
+  const int64_t limit = std::min<int64_t>(cluster_limit(device), (p.N + kTopkMinChunk - 1) / kTopkMinChunk);
   int64_t cs = 0;
   for (int64_t c = limit; c > 1 && cs == 0; c /= 2)
     if (rows <= topk_active_clusters(device, static_cast<int>(c))) cs = c;

@@ -588,7 +588,7 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
     const int base = kTopkBins - kPer * (tid + 1);  // bins base .. base + 3, scanned top digit first
     int items[kPer] = {}, incl[kPer];
 #pragma unroll
-    for (unsigned q = 0; q < kTopkMaxCluster; ++q) {
+    for (unsigned q = 0; q < kMaxCluster; ++q) {
       if (q >= cs) break;
       const int4 x = *reinterpret_cast<const int4*>(cluster_peer(h, q) + base);
       items[0] += x.w, items[1] += x.z, items[2] += x.y, items[3] += x.x;

@@ -95,8 +95,9 @@ struct AttnParams {
   const int32_t* indices = nullptr;   // [B, row_groups, K]; set for sparse
   int64_t B = 0, Hq = 0, Hkv = 0, N = 0, S = 1, K = 0;
   int64_t rows_per_group = 1;  // query heads per row group: G, or 1 for head-mode sparse
-  int64_t chunk = 0;           // positions per split, a multiple of kTileTokens
+  int64_t chunk = 0;           // positions per split, a multiple of kTileTokens (tile kernel)
   int splits = 1;
+  int cluster = 1;             // gather kernel: CTAs of a thread-block cluster (1, or splits: merged in-cluster)
   float scale = 1.f;
   float* scores = nullptr;  // [B, Hq, scores_ld]: scale * q.k of valid positions (select only)
   int64_t scores_ld = 0;    // row pitch of scores: N rounded up to a multiple of 4 (16-byte rows)
@@ -125,6 +126,6 @@ constexpr int kTopkChunk = 16384;      // positions a CTA aims for where rows ou
 constexpr int kTopkMinChunk = 2048;    // fewest positions a CTA takes (a row's cluster size cap)
 constexpr int kTopkListCap = 4096;     // possible winners a CTA lists in shared memory (48 KB in
                                        // all with the histograms)
-constexpr int kTopkMaxCluster = 8;     // the portable cluster size
+constexpr int kMaxCluster = 8;         // the portable cluster size (top-k and gather kernels)
 
 }  // namespace tidal::kernels

@@ -1,0 +1,194 @@
+// The practical floor of sparse_attention's reads: how fast this card reads the K and V rows an
+// index set names, when reading them is all a kernel does (no attention math, every load issued as
+// early as the hardware allows). bench_ops.py's floor divides bytes by copy bandwidth; random
+// 256-byte rows do not stream like a copy, and this measures by how much.
+//
+// Shapes as bench_ops.py: bf16, Hkv = 8, D = 128 (256-byte rows), N positions, K indices per row,
+// head mode (32 index rows, 4 per KV head) and group mode (8 index rows). Each index row holds K
+// distinct random positions, sorted (as select_attention writes them). Three cache/index sets rotate
+// so L2 (50 MB on an H200) cannot serve a repeat.
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/gather_floor benchmarks/gather_floor.cu
+//   /tmp/gather_floor [N=131072] [K=2048] > gather.json   (a one-line summary goes to stderr)
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <random>
+#include <vector>
+
+#define CHECK(x)                                                                           \
+  do {                                                                                     \
+    cudaError_t e_ = (x);                                                                  \
+    if (e_ != cudaSuccess) {                                                               \
+      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
+      exit(1);                                                                             \
+    }                                                                                      \
+  } while (0)
+
+constexpr int kHkv = 8, kD = 128, kRowBytes = kD * 2, kLanesPerRow = kRowBytes / 16;
+
+// Each group of 16 lanes reads U items (an item: the K row and the V row of one index entry) with
+// all of its index loads first, then all 2U row loads, so every load of a lane is in flight at once.
+template <int U>
+__global__ void gather_rows(const int4* __restrict__ k, const int4* __restrict__ v, const int* __restrict__ idx,
+                            int64_t items, int K, int sel_per_kv, int64_t N, unsigned* __restrict__ sink) {
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t group = tid / kLanesPerRow, groups = int64_t(gridDim.x) * blockDim.x / kLanesPerRow;
+  const int lane = threadIdx.x % kLanesPerRow;
+  int pos[U];
+  int64_t base[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t item = group + u * groups;
+    pos[u] = item < items ? __ldg(idx + item) : -1;
+    base[u] = (item / K) / sel_per_kv * N;  // the KV head's first row
+  }
+  unsigned acc = 0;
+  int4 kr[U], vr[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (pos[u] >= 0) {
+      kr[u] = __ldcs(k + (base[u] + pos[u]) * kLanesPerRow + lane);
+      vr[u] = __ldcs(v + (base[u] + pos[u]) * kLanesPerRow + lane);
+    }
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (pos[u] >= 0) acc ^= kr[u].x ^ kr[u].w ^ vr[u].y ^ vr[u].z;
+  if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads; practically never stores
+}
+
+struct Set {
+  int4 *k, *v;
+  int* idx;
+};
+
+template <int U>
+float time_us(const std::vector<Set>& sets, int64_t items, int K, int sel_per_kv, int64_t N, int block,
+              unsigned* sink) {
+  const int64_t threads = (items + U - 1) / U * kLanesPerRow;
+  const int grid = static_cast<int>((threads + block - 1) / block);
+  auto launch = [&](const Set& s) {
+    gather_rows<U><<<grid, block>>>(s.k, s.v, s.idx, items, K, sel_per_kv, N, sink);
+  };
+  for (int i = 0; i < 6; ++i) launch(sets[i % sets.size()]);
+  CHECK(cudaGetLastError());
+  cudaEvent_t a, b;
+  CHECK(cudaEventCreate(&a));
+  CHECK(cudaEventCreate(&b));
+  std::vector<float> t;
+  constexpr int kReps = 10;  // launches queue up faster than they run, so no launch gap is timed
+  for (int r = 0; r < 11; ++r) {
+    CHECK(cudaEventRecord(a));
+    for (int rep = 0; rep < kReps; ++rep)
+      for (size_t i = 0; i < sets.size(); ++i) launch(sets[i]);
+    CHECK(cudaEventRecord(b));
+    CHECK(cudaEventSynchronize(b));
+    float ms = 0;
+    CHECK(cudaEventElapsedTime(&ms, a, b));
+    t.push_back(ms * 1e3f / (kReps * sets.size()));
+  }
+  CHECK(cudaGetLastError());
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int main(int argc, char** argv) {
+  const int64_t N = argc > 1 ? atoll(argv[1]) : 131072;
+  const int K = argc > 2 ? atoi(argv[2]) : 2048;
+  const int kSets = 3;
+  std::mt19937 rng(1234);
+  std::vector<Set> sets(kSets);
+  unsigned* sink;
+  CHECK(cudaMalloc(&sink, 4));
+  const size_t cache_bytes = size_t(kHkv) * N * kRowBytes;
+  for (auto& s : sets) {
+    CHECK(cudaMalloc(&s.k, cache_bytes));
+    CHECK(cudaMalloc(&s.v, cache_bytes));
+    CHECK(cudaMemset(s.k, 1, cache_bytes));
+    CHECK(cudaMemset(s.v, 2, cache_bytes));
+  }
+  // copy bandwidth as bench_ops.py measures it: (read + write) bytes of a 1 GiB device copy
+  float copy_tbps;
+  {
+    void *x, *y;
+    const size_t n = size_t(1) << 30;
+    CHECK(cudaMalloc(&x, n));
+    CHECK(cudaMalloc(&y, n));
+    cudaEvent_t a, b;
+    CHECK(cudaEventCreate(&a));
+    CHECK(cudaEventCreate(&b));
+    std::vector<float> t;
+    for (int r = 0; r < 25; ++r) {
+      CHECK(cudaEventRecord(a));
+      CHECK(cudaMemcpyAsync(y, x, n, cudaMemcpyDeviceToDevice));
+      CHECK(cudaEventRecord(b));
+      CHECK(cudaEventSynchronize(b));
+      float ms;
+      CHECK(cudaEventElapsedTime(&ms, a, b));
+      if (r >= 5) t.push_back(ms);
+    }
+    std::sort(t.begin(), t.end());
+    copy_tbps = 2.0f * n / (t[t.size() / 2] * 1e-3f) / 1e12f;
+    CHECK(cudaFree(x));
+    CHECK(cudaFree(y));
+  }
+  int dev = 0;
+  cudaDeviceProp prop;
+  CHECK(cudaGetDeviceProperties(&prop, dev));
+  char date[16];
+  const time_t now = time(nullptr);
+  strftime(date, sizeof date, "%Y-%m-%d", gmtime(&now));
+  printf("{\"device\": \"%s\", \"date\": \"%s\", \"N\": %lld, \"K\": %d, \"copy_tbps\": %.3f, \"rows\": [\n", prop.name, date, (long long)N, K,
+         copy_tbps);
+  bool first = true;
+  float best_random[2] = {1e30f, 1e30f};  // head, group: the fastest launch shape
+  for (const char* pattern : {"random", "contiguous"})
+    for (int sel : {32, 8}) {  // head mode, group mode
+      const int sel_per_kv = sel / kHkv;
+      std::vector<int> h(size_t(sel) * K);
+      for (int r = 0; r < sel; ++r) {
+        std::vector<int> row;
+        if (pattern[0] == 'r') {
+          std::vector<char> taken(N, 0);
+          while (row.size() < size_t(K)) {
+            const int p = static_cast<int>(rng() % N);
+            if (!taken[p]) taken[p] = 1, row.push_back(p);
+          }
+          std::sort(row.begin(), row.end());
+        } else {
+          for (int j = 0; j < K; ++j) row.push_back((r % sel_per_kv) * K + j);  // distinct rows per head
+        }
+        std::copy(row.begin(), row.end(), h.begin() + size_t(r) * K);
+      }
+      for (auto& s : sets) {
+        if (s.idx) CHECK(cudaFree(s.idx));
+        CHECK(cudaMalloc(&s.idx, h.size() * 4));
+        CHECK(cudaMemcpy(s.idx, h.data(), h.size() * 4, cudaMemcpyHostToDevice));
+      }
+      const int64_t items = int64_t(sel) * K;
+      const double bytes = double(items) * 2 * kRowBytes;
+      for (int block : {128, 256, 512}) {
+        const float us[4] = {time_us<1>(sets, items, K, sel_per_kv, N, block, sink),
+                             time_us<2>(sets, items, K, sel_per_kv, N, block, sink),
+                             time_us<4>(sets, items, K, sel_per_kv, N, block, sink),
+                             time_us<8>(sets, items, K, sel_per_kv, N, block, sink)};
+        const int unroll[4] = {1, 2, 4, 8};
+        for (int i = 0; i < 4; ++i) {
+          if (pattern[0] == 'r') best_random[sel == 32 ? 0 : 1] = std::min(best_random[sel == 32 ? 0 : 1], us[i]);
+          printf("%s{\"pattern\": \"%s\", \"mode\": \"%s\", \"block\": %d, \"unroll\": %d, \"us\": %.2f, "
+                 "\"tbps\": %.3f, \"frac_of_copy\": %.3f}",
+                 first ? "" : ",\n", pattern, sel == 32 ? "head" : "group", block, unroll[i], us[i],
+                 bytes / (us[i] * 1e-6) / 1e12, bytes / (us[i] * 1e-6) / 1e12 / copy_tbps);
+          first = false;
+        }
+      }
+    }
+  printf("\n]}\n");
+  fprintf(stderr, "gather floor (random rows, N %lld, K %d): head %.1f us, group %.1f us\n", (long long)N, K,
+          best_random[0], best_random[1]);
+  return 0;
+}
