@@ -38,7 +38,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import tidal_ext  # noqa: E402
 import tidal_ext.hf  # noqa: E402
-from bench_ops import capture_graph, card_name, copy_tbps, unique_rows  # noqa: E402
+from bench_ops import add_sweep_args, capture_graph, card_name, copy_tbps, parse_shapes, unique_rows  # noqa: E402
 
 LLAMA3_8B = dict(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                  num_attention_heads=32, num_key_value_heads=8, head_dim=128, rope_theta=500000.0,
@@ -245,9 +245,7 @@ def plot(result, path):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="1x32768,1x131072,8x32768,4x131072")
-    p.add_argument("--top-k", default="2048,4096")
-    p.add_argument("--modes", default="head,group")
+    add_sweep_args(p, "2048,4096")
     p.add_argument("--steps", type=int, default=128)
     p.add_argument("--device", default="cuda")
     p.add_argument("--tiny", action="store_true", help="a small random Llama (smoke runs)")
@@ -262,7 +260,7 @@ def main():
     torch.manual_seed(0)
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    shapes = [tuple(map(int, s.split("x"))) for s in args.shapes.split(",")]
+    shapes = parse_shapes(args.shapes)
     cfg = LlamaConfig(**(TINY if args.tiny else LLAMA3_8B), max_position_embeddings=max(n for _, n in shapes)
                       + args.steps + 8)
     with torch.device(device):
@@ -272,7 +270,7 @@ def main():
     print(f"{name}, torch {torch.__version__}, copy {bw:.2f} TB/s; model {sum(p.numel() for p in model.parameters()) / 1e9:.2f}B params")
 
     rows = []
-    profile_shapes = [tuple(map(int, s.split("x"))) for s in args.profile.split(",") if s]
+    profile_shapes = parse_shapes(args.profile)
     for B, N in shapes:
         if device.type == "cuda":  # 4x128K needs ~80 GB of cache: halve B where it would not fit
             need = 2 * cfg.num_hidden_layers * B * cfg.num_key_value_heads * (N + args.steps) * cfg.head_dim * 2

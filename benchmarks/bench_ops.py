@@ -203,11 +203,21 @@ def plot(result, path):
     fig.savefig(path, dpi=100)
 
 
+def add_sweep_args(p, top_ks):
+    """The sweep options both benchmarks take: --shapes (B x N list), --top-k, --modes."""
+    p.add_argument("--shapes", default="1x32768,1x131072,8x32768,4x131072")
+    p.add_argument("--top-k", default=top_ks)
+    p.add_argument("--modes", default="head,group")
+
+
+def parse_shapes(text):
+    """[(B, N)] from "1x32768,4x131072"."""
+    return [tuple(map(int, s.split("x"))) for s in text.split(",") if s]
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shapes", default="1x32768,1x131072,8x32768,4x131072")
-    p.add_argument("--top-k", default="256,2048,4096")
-    p.add_argument("--modes", default="head,group")
+    add_sweep_args(p, "256,2048,4096")
     p.add_argument("--rotate", type=int, default=3, help="cache buffers rotated through")
     p.add_argument("--out", default=None, help="JSON path (a PNG plot is written beside it)")
     args = p.parse_args()
@@ -217,8 +227,7 @@ def main():
     print(f"card {torch.cuda.get_device_name()}, torch {torch.__version__}, copy {bw:.2f} TB/s (read+write)")
     rows, step_rows = [], []
     free = torch.cuda.mem_get_info()[0]
-    for shape in args.shapes.split(","):
-        B, N = map(int, shape.split("x"))
+    for B, N in parse_shapes(args.shapes):
         need = args.rotate * 2 * B * HKV * N * D * 2
         if need > 0.6 * free:  # e.g. 4x128K on an 80 GB card: take 2x128K, as the issue allows
             B = max(1, B // 2)

@@ -70,15 +70,24 @@ kernels::AttnParams attn_params(const Src& d) {
   return p;
 }
 
+// The split workspace: `slots` partial softmax states of D floats plus (m, l), pointed to by p. The
+// tensors keep it alive until the launch is queued (the caching allocator orders reuse by stream).
+struct Partials {
+  at::Tensor o, ml;
+};
+Partials allocate_partials(kernels::AttnParams& p, int64_t slots, int64_t D, const at::Tensor& q) {
+  const auto f32 = q.options().dtype(at::kFloat);
+  Partials w{at::empty({slots * D}, f32), at::empty({slots * 2}, f32)};
+  p.part_o = w.o.data_ptr<float>();
+  p.part_ml = w.ml.data_ptr<float>();
+  return w;
+}
+
 // Plans the splits, allocates the split workspace and runs attention + merge into `out`.
 void run_attention(const char* op, kernels::AttnParams& p, kc::DType dtype, int64_t D, int64_t positions,
                    const at::Tensor& q, at::Tensor& out, float* lse) {
   kc::plan_splits(p, dtype, D, positions, q.get_device());
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor part_o = at::empty({p.B * p.Hq * p.S * p.splits * D}, f32);
-  at::Tensor part_ml = at::empty({p.B * p.Hq * p.S * p.splits * 2}, f32);
-  p.part_o = part_o.data_ptr<float>();
-  p.part_ml = part_ml.data_ptr<float>();
+  const Partials partials = allocate_partials(p, p.B * p.Hq * p.S * p.splits, D, q);
   check_launch(op, kc::launch_attention(p, dtype, D, out.data_ptr(), lse, current_stream(q)));
 }
 
@@ -171,11 +180,8 @@ at::Tensor sparse_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
   }
   kc::plan_gather(p, c.dtype, D, q.get_device());
   // Partials only where the splits do not merge in a cluster.
-  const int64_t partials = p.splits > 1 && p.cluster != p.splits ? p.B * p.Hq * p.splits : 0;
-  const auto f32 = q.options().dtype(at::kFloat);
-  at::Tensor part_o = at::empty({partials * D}, f32), part_ml = at::empty({partials * 2}, f32);
-  p.part_o = part_o.data_ptr<float>();
-  p.part_ml = part_ml.data_ptr<float>();
+  const bool merged_here = p.splits == 1 || p.cluster == p.splits;
+  const Partials partials = allocate_partials(p, merged_here ? 0 : p.B * p.Hq * p.splits, D, q);
   check_launch(op, kc::launch_gather(p, c.dtype, D, c.launch.out.data_ptr(), current_stream(q)));
   return c.launch.out;
 }

@@ -10,21 +10,26 @@
 
 namespace tidal::kernels::cuda {
 
+// merge_splits_kernel over the B * Hq * S rows of p's partials into `out` (and lse, if given).
+template <typename T, int D>
+void launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
+  merge_splits_kernel<T, D><<<static_cast<unsigned>(p.B * p.Hq * p.S), D, 0, stream>>>(
+      p.part_o, p.part_ml, p.splits, static_cast<T*>(out), lse);
+}
+
 template <typename T, int D>
 const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
   constexpr size_t smem = AttnSmem<T, D>::kBytes;
   static const cudaError_t attr = cudaFuncSetAttribute(
       attention_split_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
-  const int64_t rows = p.B * p.Hq * p.S;
-  if (rows == 0) return nullptr;
+  if (p.B * p.Hq * p.S == 0) return nullptr;
   // Row tiles in x (up to 2^31 - 1: a long correct_kv chunk has S * G / 16 tiles per KV head), the
   // splits (<= kMaxSplits) in y, the batch (<= 65535, checked by the torch-side launcher) in z.
   const dim3 grid(static_cast<unsigned>(p.row_groups() * p.m_tiles()), static_cast<unsigned>(p.splits),
                   static_cast<unsigned>(p.B));
   attention_split_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
-  merge_splits_kernel<T, D><<<static_cast<unsigned>(rows), D, 0, stream>>>(p.part_o, p.part_ml, p.splits,
-                                                                           static_cast<T*>(out), lse);
+  launch_merge<T, D>(p, out, lse, stream);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -78,8 +83,7 @@ inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, int threads, size_t s
 // splits are not merged in-cluster.
 template <typename T, int D, int R>
 const char* launch_gather_typed(const AttnParams& p, void* out, cudaStream_t stream) {
-  const int64_t rows = p.B * p.Hq;
-  if (rows == 0) return nullptr;
+  if (p.B * p.Hq == 0) return nullptr;
   // Index rows x splits in x (<= Hq x splits), the batch (<= 65535, checked by the launcher) in y.
   // Shared memory is under 48 KB: no attribute needed.
   cudaLaunchAttribute cluster;
@@ -88,8 +92,7 @@ const char* launch_gather_typed(const AttnParams& p, void* out, cudaStream_t str
       GatherSmem<D, R>::kBytes, p.cluster, stream, &cluster);
   cudaError_t err = cudaLaunchKernelEx(&config, sparse_gather_kernel<T, D, R>, p, static_cast<T*>(out));
   if (err == cudaSuccess && p.splits > 1 && p.cluster != p.splits) {
-    merge_splits_kernel<T, D><<<static_cast<unsigned>(rows), D, 0, stream>>>(p.part_o, p.part_ml, p.splits,
-                                                                             static_cast<T*>(out), nullptr);
+    launch_merge<T, D>(p, out, nullptr, stream);
     err = cudaGetLastError();
   }
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);

@@ -90,6 +90,12 @@ __device__ __forceinline__ int64_t clamp_len(const int32_t* lens, int64_t b, int
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kNegInf = -__builtin_huge_valf();
 
+// Weight of a softmax state with running max m when states merge under the max M: 0 for a state
+// that saw no valid position; (+inf) - (+inf) gives NaN, so a NaN stays NaN.
+__device__ __forceinline__ float state_weight(float m, float M) { return m == kNegInf ? 0.f : exp2f((m - M) * kLog2e); }
+// 1 / L of a merged row: 0 where no position was valid (L = 0), NaN stays NaN.
+__device__ __forceinline__ float inv_row_sum(float L) { return L > 0.f ? 1.f / L : (L == 0.f ? 0.f : L); }
+
 // Shared memory of the attention kernel: kStages stages of K and V tiles (rows padded by 16 bytes
 // so the MMA operand reads hit 32 distinct banks) and the positions of each tile row (-1 = masked).
 // Three stages keep two tiles in flight per CTA while the third is computed on.
@@ -320,8 +326,7 @@ __global__ void __launch_bounds__(kThreads) attention_split_kernel(const AttnPar
     for (int w = 0; w < kWarps; ++w) m = fmaxf(m, cM[w * kTileRows + tid]);
     float l = 0.f;
     for (int w = 0; w < kWarps; ++w) {
-      const float mw = cM[w * kTileRows + tid];
-      const float f = mw == kNegInf ? 0.f : exp2f((mw - m) * kLog2e);
+      const float f = state_weight(cM[w * kTileRows + tid], m);
       cW[w * kTileRows + tid] = f;
       l += f * cL[w * kTileRows + tid];
     }
@@ -379,8 +384,7 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
   const float M = block_reduce<D, true>(m, scratch);
   float l = 0.f;
   for (int s = d; s < splits; s += D) {
-    const float ms = ml[2 * s];
-    const float f = (ms == kNegInf) ? 0.f : exp2f((ms - M) * kLog2e);  // NaN stays NaN
+    const float f = state_weight(ml[2 * s], M);
     w[s] = f;
     l += f * ml[2 * s + 1];
   }
@@ -389,8 +393,7 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
   float acc = 0.f;
 #pragma unroll 8
   for (int s = 0; s < splits; ++s) acc += w[s] * o[int64_t(s) * D];
-  const float inv = Lsum > 0.f ? 1.f / Lsum : (Lsum == 0.f ? 0.f : Lsum);  // NaN stays NaN
-  out[row * D + d] = Mma<T>::from_float(acc * inv);
+  out[row * D + d] = Mma<T>::from_float(acc * inv_row_sum(Lsum));
   if (lse != nullptr && d == 0) lse[row] = Lsum > 0.f ? M + logf(Lsum) : (Lsum == 0.f ? kNegInf : Lsum);
 }
 

@@ -56,13 +56,11 @@ __device__ __forceinline__ void unpack8(const uint4& v, float f[8]) {
   }
 }
 
-// Folds softmax state (mb, lb, ob) into (ma, la, oa): both over disjoint sets of positions. The
-// weight of a side that saw no valid position is 0; (+inf) - (+inf) gives NaN, as in merge_splits.
+// Folds softmax state (mb, lb, ob) into (ma, la, oa): both over disjoint sets of positions.
 __device__ __forceinline__ void combine_state(float& ma, float& la, float (&oa)[8], float mb, float lb,
                                               const float (&ob)[8]) {
   const float M = fmaxf(ma, mb);
-  const float fa = ma == kNegInf ? 0.f : exp2f((ma - M) * kLog2e);
-  const float fb = mb == kNegInf ? 0.f : exp2f((mb - M) * kLog2e);
+  const float fa = state_weight(ma, M), fb = state_weight(mb, M);
   la = fa * la + fb * lb;
 #pragma unroll
   for (int d = 0; d < 8; ++d) oa[d] = fa * oa[d] + fb * ob[d];
@@ -70,7 +68,7 @@ __device__ __forceinline__ void combine_state(float& ma, float& la, float (&oa)[
 }
 
 // Element d of the merge of n softmax states, state i at base(i) as [O (D floats), m, l]: its m, l
-// and O with merge_splits' weights (0 for a state that saw no valid position).
+// and O with merge_splits' weights.
 struct Merged {
   float m, l, o;
 };
@@ -80,16 +78,11 @@ __device__ __forceinline__ Merged merge_states(int n, Base base, int d) {
   for (int i = 0; i < n; ++i) c.m = fmaxf(c.m, base(i)[D]);
   for (int i = 0; i < n; ++i) {
     const float* st = base(i);
-    const float f = st[D] == kNegInf ? 0.f : exp2f((st[D] - c.m) * kLog2e);
+    const float f = state_weight(st[D], c.m);
     c.l += f * st[D + 1];
     c.o += f * st[d];
   }
   return c;
-}
-
-// out = O / L; zeros where no position was valid (L = 0), NaN stays NaN.
-__device__ __forceinline__ float normalize(float o, float L) {
-  return o * (L > 0.f ? 1.f / L : (L == 0.f ? 0.f : L));
 }
 
 // Grid: x = index row x split (the CTAs of a cluster are consecutive splits of one index row),
@@ -268,7 +261,7 @@ __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const 
     const Merged c = merge_states<D>(kGatherWarps, [&](int w) { return sW + (w * R + r) * kStride; }, d);
     const int64_t row = b * p.Hq + head0 + r;  // output row (S = 1)
     if (whole_row) {
-      out[row * D + d] = Mma<T>::from_float(normalize(c.o, c.l));
+      out[row * D + d] = Mma<T>::from_float(c.o * inv_row_sum(c.l));
     } else if (merge_in_cluster) {
       sC[r * kStride + d] = c.o;
       if (d == 0) sC[r * kStride + D] = c.m, sC[r * kStride + D + 1] = c.l;
@@ -286,7 +279,7 @@ __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const 
   for (uint32_t e = split + cs * tid; e < rows * D; e += cs * kGatherThreads) {
     const uint32_t r = e / D, d = e % D;
     const Merged c = merge_states<D>(static_cast<int>(cs), [&](int i) { return cluster_peer(sC, i) + r * kStride; }, d);
-    out[(b * p.Hq + head0 + r) * D + d] = Mma<T>::from_float(normalize(c.o, c.l));
+    out[(b * p.Hq + head0 + r) * D + d] = Mma<T>::from_float(c.o * inv_row_sum(c.l));
   }
   cluster_barrier();  // no peer reads this CTA's shared memory after this
 }
