@@ -10,11 +10,41 @@
 
 namespace tidal::kernels::cuda {
 
+// A launch configuration: `threads` threads and `smem` dynamic shared memory a CTA, clusters of `cs`
+// CTAs along x where cs > 1, and where `early` (sm_90 only) programmatic dependent launch: the kernel
+// may start before the previous kernel of the stream ends (it waits for its results in-kernel, see
+// wait_for_previous_kernel). Not copyable: config points into attrs.
+struct Launch {
+  cudaLaunchConfig_t config = {};
+  cudaLaunchAttribute attrs[2];
+  Launch(dim3 grid, int threads, size_t smem, cudaStream_t stream, int cs, bool early) {
+    config.gridDim = grid;
+    config.blockDim = dim3(static_cast<unsigned>(threads));
+    config.dynamicSmemBytes = smem;
+    config.stream = stream;
+    config.attrs = attrs;
+    if (cs > 1) {
+      cudaLaunchAttribute& a = attrs[config.numAttrs++];
+      a.id = cudaLaunchAttributeClusterDimension;
+      a.val.clusterDim.x = static_cast<unsigned>(cs);
+      a.val.clusterDim.y = a.val.clusterDim.z = 1;
+    }
+    if (early) {
+      cudaLaunchAttribute& a = attrs[config.numAttrs++];
+      a.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      a.val.programmaticStreamSerializationAllowed = 1;
+    }
+  }
+  Launch(const Launch&) = delete;
+  Launch& operator=(const Launch&) = delete;
+};
+
 // merge_splits_kernel over the B * Hq * S rows of p's partials into `out` (and lse, if given).
 template <typename T, int D>
-void launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
-  merge_splits_kernel<T, D><<<static_cast<unsigned>(p.B * p.Hq * p.S), D, 0, stream>>>(
-      p.part_o, p.part_ml, p.splits, static_cast<T*>(out), lse);
+cudaError_t launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
+  const Launch l(dim3(static_cast<unsigned>(p.B * p.Hq * p.S)), D, 0, stream, 1, p.sm90);
+  return cudaLaunchKernelEx(&l.config, merge_splits_kernel<T, D>, static_cast<const float*>(p.part_o),
+                            static_cast<const float*>(p.part_ml), p.splits, static_cast<T*>(out), lse);
 }
 
 template <typename T, int D>
@@ -28,9 +58,9 @@ const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, c
   // splits (<= kMaxSplits) in y, the batch (<= 65535, checked by the torch-side launcher) in z.
   const dim3 grid(static_cast<unsigned>(p.row_groups() * p.m_tiles()), static_cast<unsigned>(p.splits),
                   static_cast<unsigned>(p.B));
-  attention_split_kernel<T, D><<<grid, kThreads, smem, stream>>>(p);
-  launch_merge<T, D>(p, out, lse, stream);
-  const cudaError_t err = cudaGetLastError();
+  const Launch l(grid, tile_threads(D), smem, stream, 1, false);
+  cudaError_t err = cudaLaunchKernelEx(&l.config, attention_split_kernel<T, D>, p);
+  if (err == cudaSuccess) err = launch_merge<T, D>(p, out, lse, stream);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -51,7 +81,7 @@ int ctas_per_sm(int64_t D) {
   int n = 0;
   auto query = [&](auto kernel, size_t smem) {
     cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, kThreads, smem);
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, tile_threads(D), smem);
   };
   switch (D) {
     case 32: query(attention_split_kernel<T, 32>, AttnSmem<T, 32>::kBytes); break;
@@ -63,22 +93,6 @@ int ctas_per_sm(int64_t D) {
   return n > 0 ? n : 1;
 }
 
-// A launch configuration in clusters of `cs` CTAs along x (the attribute lives in *cluster).
-inline cudaLaunchConfig_t cluster_launch_config(dim3 grid, int threads, size_t smem, int cs, cudaStream_t stream,
-                                                cudaLaunchAttribute* cluster) {
-  cudaLaunchConfig_t config = {};
-  config.gridDim = grid;
-  config.blockDim = dim3(static_cast<unsigned>(threads));
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cluster->id = cudaLaunchAttributeClusterDimension;
-  cluster->val.clusterDim.x = static_cast<unsigned>(cs);
-  cluster->val.clusterDim.y = cluster->val.clusterDim.z = 1;
-  config.attrs = cluster;
-  config.numAttrs = cs > 1 ? 1 : 0;
-  return config;
-}
-
 // The gather kernel for sparse_attention (p planned by plan_gather), then merge_splits where the
 // splits are not merged in-cluster.
 template <typename T, int D, int R>
@@ -86,15 +100,10 @@ const char* launch_gather_typed(const AttnParams& p, void* out, cudaStream_t str
   if (p.B * p.Hq == 0) return nullptr;
   // Index rows x splits in x (<= Hq x splits), the batch (<= 65535, checked by the launcher) in y.
   // Shared memory is under 48 KB: no attribute needed.
-  cudaLaunchAttribute cluster;
-  const cudaLaunchConfig_t config = cluster_launch_config(
-      dim3(static_cast<unsigned>(p.row_groups() * p.splits), static_cast<unsigned>(p.B)), kGatherThreads,
-      GatherSmem<D, R>::kBytes, p.cluster, stream, &cluster);
-  cudaError_t err = cudaLaunchKernelEx(&config, sparse_gather_kernel<T, D, R>, p, static_cast<T*>(out));
-  if (err == cudaSuccess && p.splits > 1 && p.cluster != p.splits) {
-    launch_merge<T, D>(p, out, nullptr, stream);
-    err = cudaGetLastError();
-  }
+  const Launch l(dim3(static_cast<unsigned>(p.row_groups() * p.splits), static_cast<unsigned>(p.B)), kGatherThreads,
+                 GatherSmem<D, R>::kBytes, stream, p.cluster, false);
+  cudaError_t err = cudaLaunchKernelEx(&l.config, sparse_gather_kernel<T, D, R>, p, static_cast<T*>(out));
+  if (err == cudaSuccess && p.splits > 1 && p.cluster != p.splits) err = launch_merge<T, D>(p, out, nullptr, stream);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -140,11 +149,9 @@ template <typename T>
 int gather_active_clusters(int64_t D, int R, int cs) {
   return with_gather_instance(D, R, [&](auto d, auto r) {
     constexpr int kD = decltype(d)::value, kR = decltype(r)::value;
-    cudaLaunchAttribute cluster;
-    const cudaLaunchConfig_t config =
-        cluster_launch_config(dim3(static_cast<unsigned>(cs)), kGatherThreads, GatherSmem<kD, kR>::kBytes, cs, nullptr, &cluster);
+    const Launch l(dim3(static_cast<unsigned>(cs)), kGatherThreads, GatherSmem<kD, kR>::kBytes, nullptr, cs, false);
     int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, sparse_gather_kernel<T, kD, kR>, &config) != cudaSuccess) n = 0;
+    if (cudaOccupancyMaxActiveClusters(&n, sparse_gather_kernel<T, kD, kR>, &l.config) != cudaSuccess) n = 0;
     cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
     return n;
   });

@@ -70,19 +70,22 @@ int64_t gather_capacity(DType dtype, int64_t D, int R, int cs, int device) {
   });
 }
 
-// CTAs a thread-block cluster may take: a portable cluster where both the device (sm_90+) and the
-// code the kernels run (the top-k kernel's PTX target stands for all: one build) have clusters,
-// else 1. Cached per device.
-int64_t cluster_limit(int device) {
-  return cached_per_device<1>(device, 0, [&] {
+// Whether both the device and the code the kernels run (the top-k kernel's PTX target stands for
+// all: one build) are sm_90+: thread-block clusters and bulk copies. Cached per device.
+bool has_sm90(int device) {
+  const int sm90 = cached_per_device<1>(device, 0, [&] {
     int major = 0;
     cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
     cudaFuncAttributes attrs = {};
     const bool compiled = cudaFuncGetAttributes(&attrs, topk_kernel<kTopkBlock>) == cudaSuccess && attrs.ptxVersion >= 90;
     cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
-    return major >= 9 && compiled ? kMaxCluster : 1;
+    return major >= 9 && compiled ? 2 : 1;  // the cache holds nonzero values
   });
+  return sm90 == 2;
 }
+
+// CTAs a portable thread-block cluster may take: kMaxCluster on sm_90, else 1.
+int64_t cluster_limit(int device) { return has_sm90(device) ? kMaxCluster : 1; }
 
 // The top-k kernel's shared memory (48 KB dynamic, more than the default allows) and carveout (all
 // shared memory, so an SM holds as many of a cluster's CTAs as its registers allow).
@@ -94,19 +97,13 @@ cudaError_t topk_set_attributes() {
   return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
 }
 
-// The top-k kernel's launch configuration: clusters of `cs` CTAs (the attribute lives in *cluster).
-cudaLaunchConfig_t topk_config(dim3 grid, int cs, cudaStream_t stream, cudaLaunchAttribute* cluster) {
-  return cluster_launch_config(grid, kTopkBlock, kTopkSmemBytes, cs, stream, cluster);
-}
-
 // Clusters of `cs` top-k CTAs the device runs at once (cached per device and size).
 int64_t topk_active_clusters(int device, int cs) {
   return cached_per_device<kMaxCluster + 1>(device, cs, [&] {
-    cudaLaunchAttribute cluster;
-    const cudaLaunchConfig_t config = topk_config(dim3(static_cast<unsigned>(cs)), cs, nullptr, &cluster);
+    const Launch l(dim3(static_cast<unsigned>(cs)), kTopkBlock, kTopkSmemBytes, nullptr, cs, false);
     int n = 0;
     if (topk_set_attributes() != cudaSuccess ||
-        cudaOccupancyMaxActiveClusters(&n, topk_kernel<kTopkBlock>, &config) != cudaSuccess)
+        cudaOccupancyMaxActiveClusters(&n, topk_kernel<kTopkBlock>, &l.config) != cudaSuccess)
       n = 0;
     cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
     return n > 0 ? n : -1;
@@ -116,7 +113,8 @@ int64_t topk_active_clusters(int device, int cs) {
 }  // namespace
 
 void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int device) {
-  const int64_t tiles = positions > 0 ? (positions + kTileTokens - 1) / kTileTokens : 1;
+  const int64_t tile = tile_tokens(D);
+  const int64_t tiles = positions > 0 ? (positions + tile - 1) / tile : 1;
   const int64_t ctas = p.B * p.row_groups() * p.m_tiles();
   const int64_t target = resident_ctas(dtype, D, device);
   // One wave: a second, partial wave would cost a whole CTA's time for a few CTAs.
@@ -124,8 +122,9 @@ void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int d
   splits = splits < 1 ? 1 : (splits > tiles ? tiles : splits);
   splits = splits > kMaxSplits ? kMaxSplits : splits;
   const int64_t tiles_per_split = (tiles + splits - 1) / splits;
-  p.chunk = tiles_per_split * kTileTokens;
+  p.chunk = tiles_per_split * tile;
   p.splits = static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);
+  p.sm90 = has_sm90(device);
 }
 
 const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* out, float* lse, void* stream) {
@@ -160,6 +159,7 @@ void plan_gather(AttnParams& p, DType dtype, int64_t D, int device) {
   p.splits = static_cast<int>(splits);
   p.cluster = static_cast<int>(cs);
   p.chunk = (p.K + splits - 1) / splits;
+  p.sm90 = has_sm90(device);
 }
 
 const char* launch_gather(const AttnParams& p, DType dtype, int64_t D, void* out, void* stream) {
@@ -180,6 +180,7 @@ void plan_topk(TopkParams& p, int device) {
   cs = cs < 1 ? 1 : cs;
   p.cluster = static_cast<int>(cs);
   p.chunk = ((p.N + cs - 1) / cs + 3) / 4 * 4;
+  p.sm90 = has_sm90(device);
 }
 
 const char* launch_topk(const TopkParams& p, void* stream) {
@@ -189,11 +190,9 @@ const char* launch_topk(const TopkParams& p, void* stream) {
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
   // Selection heads x cluster ranks in x (<= 2^31 - 1), the batch in y (<= 65535): both checked by
   // the launcher.
-  cudaLaunchAttribute cluster;
-  const cudaLaunchConfig_t config =
-      topk_config(dim3(static_cast<unsigned>(p.Hsel * p.cluster), static_cast<unsigned>(p.B)), p.cluster,
-                  static_cast<cudaStream_t>(stream), &cluster);
-  const cudaError_t err = cudaLaunchKernelEx(&config, topk_kernel<kTopkBlock>, p);
+  const Launch l(dim3(static_cast<unsigned>(p.Hsel * p.cluster), static_cast<unsigned>(p.B)), kTopkBlock,
+                 kTopkSmemBytes, static_cast<cudaStream_t>(stream), p.cluster, p.sm90);
+  const cudaError_t err = cudaLaunchKernelEx(&l.config, topk_kernel<kTopkBlock>, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 

@@ -101,6 +101,7 @@ __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const 
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
   if (p.cluster != 1) __trap();  // the host asks for clusters only where the code has them
 #endif
+  wait_for_previous_kernel();
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int sub = lane % kLanes;                    // this lane's 16-byte chunk of a row
@@ -229,6 +230,8 @@ __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const 
       consume(b2);
     }
   }
+
+  let_next_kernel_start();
 
   // The warp's slots (disjoint entries) into one state, then every warp's into shared memory.
 #pragma unroll
