@@ -47,50 +47,67 @@ cudaError_t launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_
                             static_cast<const float*>(p.part_ml), p.splits, static_cast<T*>(out), lse);
 }
 
+// The tile kernel's CTA in the code the device runs (sm90 = p.sm90: sm_90 code): its threads and
+// dynamic shared memory.
+template <typename T, int D>
+struct TileCta {
+  int threads;
+  size_t smem;
+  explicit TileCta(bool sm90)
+      : threads(tile_threads(D, sm90)), smem(sm90 ? AttnSmem<T, D, true>::kBytes : AttnSmem<T, D, false>::kBytes) {}
+  // Raises the kernel's shared-memory limit to smem on the current device.
+  cudaError_t allow() const {
+    return cudaFuncSetAttribute(attention_split_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(smem));
+  }
+};
+
 template <typename T, int D>
 const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
-  constexpr size_t smem = AttnSmem<T, D>::kBytes;
-  static const cudaError_t attr = cudaFuncSetAttribute(
-      attention_split_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  const TileCta<T, D> cta(p.sm90);
+  static const cudaError_t attr = cta.allow();
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
   if (p.B * p.Hq * p.S == 0) return nullptr;
   // Row tiles in x (up to 2^31 - 1: a long correct_kv chunk has S * G / 16 tiles per KV head), the
   // splits (<= kMaxSplits) in y, the batch (<= 65535, checked by the torch-side launcher) in z.
   const dim3 grid(static_cast<unsigned>(p.row_groups() * p.m_tiles()), static_cast<unsigned>(p.splits),
                   static_cast<unsigned>(p.B));
-  const Launch l(grid, tile_threads(D), smem, stream, 1, false);
+  const Launch l(grid, cta.threads, cta.smem, stream, 1, false);
   cudaError_t err = cudaLaunchKernelEx(&l.config, attention_split_kernel<T, D>, p);
   if (err == cudaSuccess) err = launch_merge<T, D>(p, out, lse, stream);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-template <typename T>
-const char* launch_attention_for(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream) {
+// f(D) as a std::integral_constant for a head dim of kHeadDims (the tile kernel's instances): one
+// switch serves the launch and the occupancy query.
+template <typename F>
+auto with_tile_instance(int64_t D, F f) {
   switch (D) {
-    case 32: return launch_attention_typed<T, 32>(p, out, lse, stream);
-    case 64: return launch_attention_typed<T, 64>(p, out, lse, stream);
-    case 96: return launch_attention_typed<T, 96>(p, out, lse, stream);
-    case 128: return launch_attention_typed<T, 128>(p, out, lse, stream);
-    case 256: return launch_attention_typed<T, 256>(p, out, lse, stream);
-    default: return "unsupported head dim";
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    case 96: return f(std::integral_constant<int, 96>{});
+    case 128: return f(std::integral_constant<int, 128>{});
+    default: return f(std::integral_constant<int, 256>{});
   }
 }
 
 template <typename T>
-int ctas_per_sm(int64_t D) {
-  int n = 0;
-  auto query = [&](auto kernel, size_t smem) {
-    cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, kernel, tile_threads(D), smem);
-  };
-  switch (D) {
-    case 32: query(attention_split_kernel<T, 32>, AttnSmem<T, 32>::kBytes); break;
-    case 64: query(attention_split_kernel<T, 64>, AttnSmem<T, 64>::kBytes); break;
-    case 96: query(attention_split_kernel<T, 96>, AttnSmem<T, 96>::kBytes); break;
-    case 128: query(attention_split_kernel<T, 128>, AttnSmem<T, 128>::kBytes); break;
-    default: query(attention_split_kernel<T, 256>, AttnSmem<T, 256>::kBytes); break;
-  }
-  return n > 0 ? n : 1;
+const char* launch_attention_for(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream) {
+  if (!is_supported_head_dim(D)) return "unsupported head dim";
+  return with_tile_instance(D, [&](auto d) { return launch_attention_typed<T, decltype(d)::value>(p, out, lse, stream); });
+}
+
+// CTAs of the tile kernel an SM holds, in the code the device runs (sm90: sm_90 code).
+template <typename T>
+int ctas_per_sm(int64_t D, bool sm90) {
+  return with_tile_instance(D, [&](auto d) {
+    const TileCta<T, decltype(d)::value> cta(sm90);
+    cta.allow();
+    int n = 0;
+    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attention_split_kernel<T, decltype(d)::value>, cta.threads,
+                                                  cta.smem);
+    return n > 0 ? n : 1;
+  });
 }
 
 // The gather kernel for sparse_attention (p planned by plan_gather), then merge_splits where the

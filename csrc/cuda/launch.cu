@@ -10,8 +10,8 @@ namespace tidal::kernels::cuda {
 
 const char* launch_attention_bf16(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream);
 const char* launch_attention_fp16(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream);
-int ctas_per_sm_bf16(int64_t D);
-int ctas_per_sm_fp16(int64_t D);
+int ctas_per_sm_bf16(int64_t D, bool sm90);
+int ctas_per_sm_fp16(int64_t D, bool sm90);
 const char* launch_gather_bf16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
 const char* launch_gather_fp16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
 int gather_ctas_per_sm_bf16(int64_t D, int R);
@@ -49,11 +49,27 @@ int sm_count(int device) {
 // Index of a head dim in kHeadDims.
 int head_dim_slot(int64_t D) { return D == 32 ? 0 : D == 64 ? 1 : D == 96 ? 2 : D == 128 ? 3 : 4; }
 
-// Resident CTAs the device holds: SMs x CTAs per SM of the tile kernel (cached per device, dtype, D).
+// Whether both the device and the code the kernels run (the top-k kernel's PTX target stands for
+// all: one build) are sm_90+: clusters, bulk copies, 128-token tiles, early launch. Cached per device.
+bool has_sm90(int device) {
+  const int sm90 = cached_per_device<1>(device, 0, [&] {
+    int major = 0;
+    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
+    cudaFuncAttributes attrs = {};
+    const bool compiled = cudaFuncGetAttributes(&attrs, topk_kernel<kTopkBlock>) == cudaSuccess && attrs.ptxVersion >= 90;
+    cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
+    return major >= 9 && compiled ? 2 : 1;  // the cache holds nonzero values
+  });
+  return sm90 == 2;
+}
+
+// Resident CTAs the device holds: SMs x CTAs per SM of the tile kernel in the code the device runs
+// (cached per device, dtype, D).
 int64_t resident_ctas(DType dtype, int64_t D, int device) {
   const int t = dtype == DType::Half ? 0 : 1;
   return cached_per_device<2 * 5>(device, t * 5 + head_dim_slot(D), [&] {
-    return sm_count(device) * (dtype == DType::Half ? ctas_per_sm_fp16(D) : ctas_per_sm_bf16(D));
+    const bool sm90 = has_sm90(device);
+    return sm_count(device) * (dtype == DType::Half ? ctas_per_sm_fp16(D, sm90) : ctas_per_sm_bf16(D, sm90));
   });
 }
 
@@ -68,20 +84,6 @@ int64_t gather_capacity(DType dtype, int64_t D, int R, int cs, int device) {
     const int n = dtype == DType::Half ? gather_active_clusters_fp16(D, R, cs) : gather_active_clusters_bf16(D, R, cs);
     return n > 0 ? n : -1;
   });
-}
-
-// Whether both the device and the code the kernels run (the top-k kernel's PTX target stands for
-// all: one build) are sm_90+: thread-block clusters and bulk copies. Cached per device.
-bool has_sm90(int device) {
-  const int sm90 = cached_per_device<1>(device, 0, [&] {
-    int major = 0;
-    cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device);
-    cudaFuncAttributes attrs = {};
-    const bool compiled = cudaFuncGetAttributes(&attrs, topk_kernel<kTopkBlock>) == cudaSuccess && attrs.ptxVersion >= 90;
-    cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
-    return major >= 9 && compiled ? 2 : 1;  // the cache holds nonzero values
-  });
-  return sm90 == 2;
 }
 
 // CTAs a portable thread-block cluster may take: kMaxCluster on sm_90, else 1.
@@ -113,7 +115,8 @@ int64_t topk_active_clusters(int device, int cs) {
 }  // namespace
 
 void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int device) {
-  const int64_t tile = tile_tokens(D);
+  p.sm90 = has_sm90(device);
+  const int64_t tile = tile_tokens(D, p.sm90);
   const int64_t tiles = positions > 0 ? (positions + tile - 1) / tile : 1;
   const int64_t ctas = p.B * p.row_groups() * p.m_tiles();
   const int64_t target = resident_ctas(dtype, D, device);
@@ -124,7 +127,6 @@ void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int d
   const int64_t tiles_per_split = (tiles + splits - 1) / splits;
   p.chunk = tiles_per_split * tile;
   p.splits = static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);
-  p.sm90 = has_sm90(device);
 }
 
 const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* out, float* lse, void* stream) {

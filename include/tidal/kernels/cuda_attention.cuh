@@ -4,10 +4,10 @@
 // One attention kernel serves all four ops. A CTA takes up to 16 query rows that share a KV head
 // (the G query heads of a group for decode/select/group-sparse, one head for head-sparse, (query,
 // head) pairs for correct_kv) and one split of the position space, streams K/V tiles of
-// tile_tokens(D) tokens (a warp per 16 of them) through shared memory in three stages (bulk copies
-// on sm_90, cp.async below), computes S = Q K^T and O += P V with m16n8k16 tensor-core MMAs (fp32
-// accumulation), keeps an online softmax per warp, and writes a partial result (m, l, O) per split.
-// merge_splits_kernel combines the splits (flash-decoding), and topk_kernel turns the raw scores
+// tile_tokens(D, sm90) tokens (a warp per 16 of them) through shared memory in three stages (bulk
+// copies on sm_90, cp.async below), computes S = Q K^T and O += P V with m16n8k16 tensor-core MMAs
+// (fp32 accumulation), keeps an online softmax per warp, and writes a partial result (m, l, O) per
+// split. merge_splits_kernel combines the splits (flash-decoding), and topk_kernel turns the raw scores
 // select_attention asked for into sorted top-k index rows.
 #pragma once
 
@@ -21,10 +21,18 @@
 
 #include "tidal/kernels/params.h"
 
+// 1 in sm_90+ device code (clusters, bulk copies, mbarrier waits, grid dependency control), 0 in the
+// host pass and in sm_80 code. The host learns which code a device runs from has_sm90 (launch.cu).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define TIDAL_SM90 1
+#else
+#define TIDAL_SM90 0
+#endif
+
 namespace tidal::kernels::cuda {
 
 // Threads of a tile-kernel CTA: a warp per 16 tokens of a tile.
-TIDAL_HOST_DEVICE constexpr int tile_threads(int D) { return tile_tokens(D) / 16 * 32; }
+TIDAL_HOST_DEVICE constexpr int tile_threads(int D, bool sm90) { return tile_tokens(D, sm90) / 16 * 32; }
 
 template <typename T>
 struct Mma;
@@ -79,32 +87,40 @@ __device__ __forceinline__ void cp_async_wait() { asm volatile("cp.async.wait_gr
 // sm_90 bulk copies (the TMA unit) and the mbarriers that count their bytes. A bulk copy moves a
 // whole K/V row in one instruction, off the LSU: on an H100, decode at 1x128K took 1.09x cuDNN's
 // time against 1.14x with 16-byte cp.async (64-row tiles), 1.04x against 1.14x with 128-row tiles.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+// sm_80 code never calls them (TIDAL_SM90 gates the callers): there their bodies are empty.
 __device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
+#if TIDAL_SM90
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+#endif
 }
-__device__ __forceinline__ void mbar_init_fence() { asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory"); }
 __device__ __forceinline__ void mbar_arrive_expect_tx(uint64_t* bar, unsigned bytes) {
+#if TIDAL_SM90
   asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_u32(bar)),
                "r"(bytes)
                : "memory");
+#endif
 }
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
+#if TIDAL_SM90
   asm volatile(
       "{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n@!done bra WAIT;\n}\n" ::"r"(
           smem_u32(bar)),
       "r"(parity)
       : "memory");
+#endif
 }
-// Orders this thread's earlier generic-proxy writes to shared memory before its later bulk copies.
-__device__ __forceinline__ void fence_proxy_async() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+// The bulk copy of `bytes` into shared memory; first orders this thread's earlier generic-proxy
+// writes to shared memory (a zero fill of the same row) before it.
 __device__ __forceinline__ void bulk_copy(void* smem, const void* gmem, unsigned bytes, uint64_t* bar) {
+#if TIDAL_SM90
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];\n" ::"r"(
                    smem_u32(smem)),
                "l"(gmem), "r"(bytes), "r"(smem_u32(bar))
                : "memory");
-}
 #endif
+}
 
 // Programmatic dependent launch (sm_90): a kernel may start while the previous kernel of the stream
 // finishes, so its launch latency and set-up overlap that kernel's tail. Every kernel here waits for
@@ -114,12 +130,12 @@ __device__ __forceinline__ void bulk_copy(void* smem, const void* gmem, unsigned
 // 1-2 us off decode and select; launching each op's first kernel early as well lost 1-3% on the
 // 32-layer step.
 __device__ __forceinline__ void wait_for_previous_kernel() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if TIDAL_SM90
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
 #endif
 }
 __device__ __forceinline__ void let_next_kernel_start() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if TIDAL_SM90
   asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
 #endif
 }
@@ -152,9 +168,9 @@ __device__ __forceinline__ float inv_row_sum(float L) { return L > 0.f ? 1.f / L
 // so the MMA operand reads hit 32 distinct banks) and the positions of each tile row (-1 = masked).
 // Three stages keep two tiles in flight per CTA while the third is computed on.
 constexpr int kStages = 3;
-template <typename T, int D>
+template <typename T, int D, bool kSm90>
 struct AttnSmem {
-  static constexpr int kTileTokens = tile_tokens(D), kWarps = kTileTokens / 16;
+  static constexpr int kTileTokens = tile_tokens(D, kSm90), kWarps = kTileTokens / 16;
   static constexpr int kPitch = D + 8;  // elements per smem row
   static constexpr size_t kTileElems = size_t(kTileTokens) * kPitch;
   static constexpr size_t kTileBytes = kStages * 2 * kTileElems * sizeof(T);
@@ -166,9 +182,9 @@ struct AttnSmem {
 };
 
 template <typename T, int D>
-__global__ void __launch_bounds__(tile_threads(D)) attention_split_kernel(const AttnParams p) {
-  using Smem = AttnSmem<T, D>;
-  constexpr int kTileTokens = Smem::kTileTokens, kWarps = Smem::kWarps, kThreads = tile_threads(D);
+__global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_kernel(const AttnParams p) {
+  using Smem = AttnSmem<T, D, TIDAL_SM90>;
+  constexpr int kTileTokens = Smem::kTileTokens, kWarps = Smem::kWarps, kThreads = tile_threads(D, TIDAL_SM90);
   constexpr int kPitch = Smem::kPitch;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
@@ -220,35 +236,35 @@ __global__ void __launch_bounds__(tile_threads(D)) attention_split_kernel(const 
   const T* vbase = static_cast<const T*>(p.v) + b * p.v_stride_b + kvh * p.v_stride_h;
   const int32_t* idx_row = gather ? p.indices + (b * p.row_groups() + rg) * p.K : nullptr;
 
+  // Tile row t's position, -1 where it is masked: past the split, or (gathered) an invalid entry.
+  // Positions fit int32 (N is checked on the host).
+  auto position = [&](int64_t t) -> int32_t {
+    if (t >= p1) return -1;
+    // gathered entries must be valid positions (< L); dense ones lie below the tile's limit
+    const int64_t cand = gather ? idx_row[t] : t;
+    return cand >= 0 && cand < (gather ? L : max_limit) ? static_cast<int32_t>(cand) : -1;
+  };
+
   // sm_90: each thread moves one K or V row of a tile by bulk copy; stage s's mbarrier completes once
   // every warp has arrived and the copies' bytes have landed. Invalid rows are zeroed by hand.
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const bool bulk = p.sm90;
+  const bool bulk = TIDAL_SM90 && p.sm90;
   __shared__ __align__(8) uint64_t stage_bar[kStages];
   static_assert(kThreads == 2 * kTileTokens, "a thread per K or V row of a tile");
   if (bulk) {
-    if (tid == 0) {
+    if (tid == 0)
       for (int s = 0; s < kStages; ++s) mbar_init(&stage_bar[s], kWarps);
-      mbar_init_fence();
-    }
     __syncthreads();
   }
   auto load_tile_bulk = [&](int64_t tile, int stage) {
     const int r = tid % kTileTokens;
     const bool is_v = tid >= kTileTokens;
-    const int64_t t = p0 + tile * kTileTokens + r;
-    int32_t pos = -1;
-    if (t < p1) {
-      const int64_t cand = gather ? idx_row[t] : t;
-      if (cand >= 0 && cand < (gather ? L : max_limit)) pos = static_cast<int32_t>(cand);
-    }
+    const int32_t pos = position(p0 + tile * kTileTokens + r);
     T* dst = (is_v ? sV : sK) + stage * Smem::kTileElems + r * kPitch;
     // One arrival a warp, expecting the bytes of its lanes' copies.
     const unsigned copies = __popc(__ballot_sync(0xffffffffu, pos >= 0));
     if (lane == 0) mbar_arrive_expect_tx(&stage_bar[stage], copies * D * sizeof(T));
     __syncwarp();
     if (pos >= 0) {
-      fence_proxy_async();  // an earlier zero fill of this row (this thread's) lands first
       bulk_copy(dst, is_v ? vbase + pos * p.v_stride_n : kbase + pos * p.k_stride_n, D * sizeof(T), &stage_bar[stage]);
     } else {
 #pragma unroll
@@ -256,26 +272,15 @@ __global__ void __launch_bounds__(tile_threads(D)) attention_split_kernel(const 
     }
     if (!is_v) sPos[stage * kTileTokens + r] = pos;
   };
-#else
-  constexpr bool bulk = false;
-#endif
 
-  // Issues the cp.async loads of tile `tile` into stage `stage`; invalid rows are zero-filled. All
-  // positions (index loads for sparse) are fetched before the first copy so their latencies overlap.
+  // Else the cp.async loads of the tile; invalid rows are zero-filled. All positions (index loads
+  // for sparse) are fetched before the first copy so their latencies overlap.
   auto load_tile_async = [&](int64_t tile, int stage) {
     constexpr int kPerThread = kTileTokens * kChunks / kThreads;
     const int64_t t0 = p0 + tile * kTileTokens;
-    int32_t pos[kPerThread];  // positions fit int32 (N is checked on the host)
+    int32_t pos[kPerThread];
 #pragma unroll
-    for (int j = 0; j < kPerThread; ++j) {
-      const int64_t t = t0 + (tid + j * kThreads) / kChunks;
-      pos[j] = -1;
-      if (t < p1) {
-        // gathered entries must be valid positions (< L); dense ones lie below the tile's limit
-        const int64_t cand = gather ? idx_row[t] : t;
-        if (cand >= 0 && cand < (gather ? L : max_limit)) pos[j] = static_cast<int32_t>(cand);
-      }
-    }
+    for (int j = 0; j < kPerThread; ++j) pos[j] = position(t0 + (tid + j * kThreads) / kChunks);
 #pragma unroll
     for (int j = 0; j < kPerThread; ++j) {
       const int c = tid + j * kThreads, r = c / kChunks, ch = c % kChunks;
@@ -287,10 +292,10 @@ __global__ void __launch_bounds__(tile_threads(D)) attention_split_kernel(const 
     }
   };
   auto load_tile = [&](int64_t tile, int stage) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (bulk) return load_tile_bulk(tile, stage);
-#endif
-    load_tile_async(tile, stage);
+    if (bulk)
+      load_tile_bulk(tile, stage);
+    else
+      load_tile_async(tile, stage);
   };
 
   // Q fragments (A operand), rows beyond this CTA's rows are zero.
@@ -319,10 +324,10 @@ __global__ void __launch_bounds__(tile_threads(D)) attention_split_kernel(const 
   }
   for (int64_t tile = 0; tile < num_tiles; ++tile) {
     const int stage = static_cast<int>(tile % kStages);
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    if (bulk) mbar_wait(&stage_bar[stage], static_cast<unsigned>(tile / kStages) & 1u);
-#endif
-    if (!bulk) cp_async_wait<kStages - 2>();
+    if (bulk)
+      mbar_wait(&stage_bar[stage], static_cast<unsigned>(tile / kStages) & 1u);
+    else
+      cp_async_wait<kStages - 2>();
     __syncthreads();  // the stage's zero fills and positions; the stage refilled next is consumed
     if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, static_cast<int>((tile + kStages - 1) % kStages));
     cp_async_commit();
@@ -546,7 +551,7 @@ __device__ __forceinline__ uint32_t rank_key(float x) {
 }
 
 __device__ __forceinline__ void cluster_barrier() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if TIDAL_SM90
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 #else
   __syncthreads();
@@ -556,7 +561,7 @@ __device__ __forceinline__ void cluster_barrier() {
 // The same shared-memory object in CTA `rank` of this cluster.
 template <typename T>
 __device__ __forceinline__ T* cluster_peer(T* ptr, unsigned rank) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#if TIDAL_SM90
   return cooperative_groups::this_cluster().map_shared_rank(ptr, rank);
 #else
   return ptr;  // clusters of one CTA
@@ -678,7 +683,7 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
   extern __shared__ __align__(16) unsigned char topk_smem[];
   int* hist = reinterpret_cast<int*>(topk_smem);               // [2][kTopkBins]
   uint2* list = reinterpret_cast<uint2*>(hist + 2 * kTopkBins);  // [kTopkListCap] (key, position)
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+#if !TIDAL_SM90
   if (p.cluster != 1) __trap();  // the host asks for clusters only where the code has them
 #endif
   wait_for_previous_kernel();

@@ -98,7 +98,7 @@ __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const 
   constexpr int kStride = Smem::kStride;
   float* sW = reinterpret_cast<float*>(gather_smem);  // [warp][R] states
   float* sC = sW + Smem::kWarpFloats;                 // [R] states of this CTA (cluster peers read them)
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ < 900
+#if !TIDAL_SM90
   if (p.cluster != 1) __trap();  // the host asks for clusters only where the code has them
 #endif
   wait_for_previous_kernel();

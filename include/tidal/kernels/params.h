@@ -78,10 +78,11 @@ struct CorrectParams {
 
 // ---- CUDA kernels (include/tidal/kernels/cuda_attention.cuh) ----
 
-// K/V rows per shared-memory tile of the tile kernel: 128 where three stages of them fit shared
-// memory (a K or V tile then streams as one 32 KB run: on an H100, decode at 1x128K took 1.04x
-// cuDNN's time against 1.08x with 64-row tiles), 64 for D = 256.
-TIDAL_HOST_DEVICE constexpr int tile_tokens(int64_t D) { return D <= 128 ? 128 : 64; }
+// K/V rows per shared-memory tile of the tile kernel, for sm_90 code or not: 128 where three stages
+// of them fit sm_90's shared memory (a K or V tile then streams as one 32 KB run: on an H100, decode
+// at 1x128K took 1.04x cuDNN's time against 1.08x with 64-row tiles), else 64 (D = 256; sm_80,
+// whose 163 KB a CTA would not hold 128-row tiles of D = 128).
+TIDAL_HOST_DEVICE constexpr int tile_tokens(int64_t D, bool sm90) { return sm90 && D <= 128 ? 128 : 64; }
 constexpr int kTileRows = 16;    // query rows per CTA: the tensor-core MMA's M
 
 // Everything the attention kernel needs; the launcher fills it. Positions are either dense
@@ -98,7 +99,7 @@ struct AttnParams {
   const int32_t* indices = nullptr;   // [B, row_groups, K]; set for sparse
   int64_t B = 0, Hq = 0, Hkv = 0, N = 0, S = 1, K = 0;
   int64_t rows_per_group = 1;  // query heads per row group: G, or 1 for head-mode sparse
-  int64_t chunk = 0;           // positions per split, a multiple of tile_tokens(D) (tile kernel)
+  int64_t chunk = 0;           // positions per split, a multiple of tile_tokens(D, sm90) (tile kernel)
   int splits = 1;
   int cluster = 1;             // gather kernel: CTAs of a thread-block cluster (1, or splits: merged in-cluster)
   bool sm90 = false;           // device and code are sm_90+: bulk copies, early (programmatic) launch
