@@ -69,17 +69,17 @@ def test_select_ties_across_top_k_chunks(mode, top_k):
 
 
 @pytest.mark.parametrize("B,Hq,Hkv,D,K,mode", [
-    (1, 32, 8, 128, 2048, "head"),   # 32 index rows: splits merged in a thread-block cluster
+    (1, 32, 8, 128, 2048, "head"),   # 32 index rows: a few splits each, partials + merge kernel
     (1, 4, 1, 128, 3001, "group"),   # one index row: many splits, partials + merge kernel
     (64, 8, 8, 64, 300, "head"),     # 512 index rows: one CTA a row, output written directly
     (2, 6, 3, 256, 777, "group"),    # 2 query rows per index row
     (3, 9, 3, 32, 1500, "group"),    # 3 query rows (padded to 4)
     (2, 16, 2, 128, 1000, "group"),  # 8 query rows: the tile kernel takes it
     (2, 8, 2, 96, 1000, "head"),     # D = 96: the tile kernel takes it
-], ids=["cluster", "merged", "whole-row", "G2-D256", "G3-D32", "G8-tile", "D96-tile"])
+], ids=["few-splits", "merged", "whole-row", "G2-D256", "G3-D32", "G8-tile", "D96-tile"])
 def test_sparse_plans(B, Hq, Hkv, D, K, mode):
-    """sparse_attention's gather kernel over each of its plans (whole row per CTA, splits merged in a
-    cluster, splits merged by the merge kernel) and the tile kernel where the gather kernel does not
+    """sparse_attention's gather kernel over each of its plans (whole row per CTA, a few or many
+    splits merged by the merge kernel) and the tile kernel where the gather kernel does not
     apply; index rows with -1, out-of-range entries and a length that cuts a row's list, split
     sizes that leave slots of a warp with unequal work; NaN at every unlisted position."""
     N = 4 * K + 33

@@ -9,5 +9,4 @@ const char* launch_gather_bf16(const AttnParams& p, int64_t D, void* out, cudaSt
   return launch_gather_for<__nv_bfloat16>(p, D, out, stream);
 }
 int gather_ctas_per_sm_bf16(int64_t D, int R) { return gather_ctas_per_sm<__nv_bfloat16>(D, R); }
-int gather_active_clusters_bf16(int64_t D, int R, int cs) { return gather_active_clusters<__nv_bfloat16>(D, R, cs); }
 }  // namespace tidal::kernels::cuda

@@ -179,9 +179,7 @@ at::Tensor sparse_attention(const at::Tensor& q, const at::Tensor& k_cache, cons
     return c.launch.out;
   }
   kc::plan_gather(p, c.dtype, D, q.get_device());
-  // Partials only where the splits do not merge in a cluster.
-  const bool merged_here = p.splits == 1 || p.cluster == p.splits;
-  const Partials partials = allocate_partials(p, merged_here ? 0 : p.B * p.Hq * p.splits, D, q);
+  const Partials partials = allocate_partials(p, p.splits == 1 ? 0 : p.B * p.Hq * p.splits, D, q);
   check_launch(op, kc::launch_gather(p, c.dtype, D, c.launch.out.data_ptr(), current_stream(q)));
   return c.launch.out;
 }

@@ -9,5 +9,4 @@ const char* launch_gather_fp16(const AttnParams& p, int64_t D, void* out, cudaSt
   return launch_gather_for<__half>(p, D, out, stream);
 }
 int gather_ctas_per_sm_fp16(int64_t D, int R) { return gather_ctas_per_sm<__half>(D, R); }
-int gather_active_clusters_fp16(int64_t D, int R, int cs) { return gather_active_clusters<__half>(D, R, cs); }
 }  // namespace tidal::kernels::cuda

@@ -110,17 +110,17 @@ int ctas_per_sm(int64_t D, bool sm90) {
   });
 }
 
-// The gather kernel for sparse_attention (p planned by plan_gather), then merge_splits where the
-// splits are not merged in-cluster.
+// The gather kernel for sparse_attention (p planned by plan_gather), then merge_splits where it
+// splits index rows.
 template <typename T, int D, int R>
 const char* launch_gather_typed(const AttnParams& p, void* out, cudaStream_t stream) {
   if (p.B * p.Hq == 0) return nullptr;
   // Index rows x splits in x (<= Hq x splits), the batch (<= 65535, checked by the launcher) in y.
   // Shared memory is under 48 KB: no attribute needed.
   const Launch l(dim3(static_cast<unsigned>(p.row_groups() * p.splits), static_cast<unsigned>(p.B)), kGatherThreads,
-                 GatherSmem<D, R>::kBytes, stream, p.cluster, false);
+                 GatherSmem<D, R>::kBytes, stream, 1, false);
   cudaError_t err = cudaLaunchKernelEx(&l.config, sparse_gather_kernel<T, D, R>, p, static_cast<T*>(out));
-  if (err == cudaSuccess && p.splits > 1 && p.cluster != p.splits) err = launch_merge<T, D>(p, out, nullptr, stream);
+  if (err == cudaSuccess && p.splits > 1) err = launch_merge<T, D>(p, out, nullptr, stream);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -158,19 +158,6 @@ int gather_ctas_per_sm(int64_t D, int R) {
     cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, sparse_gather_kernel<T, kD, kR>, kGatherThreads,
                                                   GatherSmem<kD, kR>::kBytes);
     return n > 0 ? n : 1;
-  });
-}
-
-// Clusters of `cs` gather CTAs the device runs at once (0 where it runs none or cannot say).
-template <typename T>
-int gather_active_clusters(int64_t D, int R, int cs) {
-  return with_gather_instance(D, R, [&](auto d, auto r) {
-    constexpr int kD = decltype(d)::value, kR = decltype(r)::value;
-    const Launch l(dim3(static_cast<unsigned>(cs)), kGatherThreads, GatherSmem<kD, kR>::kBytes, nullptr, cs, false);
-    int n = 0;
-    if (cudaOccupancyMaxActiveClusters(&n, sparse_gather_kernel<T, kD, kR>, &l.config) != cudaSuccess) n = 0;
-    cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
-    return n;
   });
 }
 

@@ -16,8 +16,6 @@ const char* launch_gather_bf16(const AttnParams& p, int64_t D, void* out, cudaSt
 const char* launch_gather_fp16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
 int gather_ctas_per_sm_bf16(int64_t D, int R);
 int gather_ctas_per_sm_fp16(int64_t D, int R);
-int gather_active_clusters_bf16(int64_t D, int R, int cs);
-int gather_active_clusters_fp16(int64_t D, int R, int cs);
 
 namespace {
 
@@ -73,16 +71,11 @@ int64_t resident_ctas(DType dtype, int64_t D, int device) {
   });
 }
 
-// The same for the gather kernel with R query rows (1, 2 or 4): its resident CTAs (cs = 1) or the
-// clusters of cs CTAs it runs at once (-1 for none).
-int64_t gather_capacity(DType dtype, int64_t D, int R, int cs, int device) {
+// The same for the gather kernel with R query rows (1, 2 or 4).
+int64_t gather_capacity(DType dtype, int64_t D, int R, int device) {
   const int t = dtype == DType::Half ? 0 : 1, r = R == 1 ? 0 : R == 2 ? 1 : 2;
-  constexpr int kSizes = kMaxCluster + 1;
-  return cached_per_device<2 * 5 * 3 * kSizes>(device, ((t * 5 + head_dim_slot(D)) * 3 + r) * kSizes + cs, [&] {
-    if (cs == 1)
-      return sm_count(device) * (dtype == DType::Half ? gather_ctas_per_sm_fp16(D, R) : gather_ctas_per_sm_bf16(D, R));
-    const int n = dtype == DType::Half ? gather_active_clusters_fp16(D, R, cs) : gather_active_clusters_bf16(D, R, cs);
-    return n > 0 ? n : -1;
+  return cached_per_device<2 * 5 * 3>(device, (t * 5 + head_dim_slot(D)) * 3 + r, [&] {
+    return sm_count(device) * (dtype == DType::Half ? gather_ctas_per_sm_fp16(D, R) : gather_ctas_per_sm_bf16(D, R));
   });
 }
 
@@ -139,28 +132,17 @@ bool gather_takes(int64_t D, int64_t rows_per_group) {
 }
 
 void plan_gather(AttnParams& p, DType dtype, int64_t D, int device) {
-  // One wave of CTAs over the index rows, each split at least one batch of every slot. Up to
-  // kMaxCluster splits form a thread-block cluster where the device has them: the largest size at
-  // which every index row's cluster runs at once (an H200 runs 30 clusters of 8 of these CTAs, not
-  // the 32 of a 32-head row set); the splits then merge in-cluster, with no merge kernel and no
-  // partials in memory. More splits (few index rows) write partials for merge_splits, at most
+  // One wave of CTAs over the index rows, each split at least one batch of every slot, at most
   // kMaxMergedSplits (measured on an H200, 1x128K, top-k 2048, group mode: 16 splits 11.0 us,
-  // 32 splits 11.7 us, an 8-CTA cluster 13.6 us).
+  // 32 splits 11.7 us). Split rows write partials for merge_splits.
   constexpr int64_t kMaxMergedSplits = 16;
   const int R = gather_rows(p.rows_per_group);
   const int64_t per_batch = gather_slots(D) * gather_batch(R);
   const int64_t index_rows = p.B * p.row_groups();
   const int64_t most = p.K > 0 ? (p.K + per_batch - 1) / per_batch : 1;
-  int64_t splits = index_rows > 0 ? gather_capacity(dtype, D, R, 1, device) / index_rows : 1;
-  splits = std::max<int64_t>(1, std::min(splits, most));
-  int64_t cs = 1;
-  if (splits <= kMaxCluster)
-    for (int64_t c = std::min(splits, cluster_limit(device)); c > 1 && cs == 1; --c)
-      if (index_rows <= gather_capacity(dtype, D, R, static_cast<int>(c), device)) cs = c;
-  splits = cs > 1 ? cs : std::min(splits, kMaxMergedSplits);
-  p.splits = static_cast<int>(splits);
-  p.cluster = static_cast<int>(cs);
-  p.chunk = (p.K + splits - 1) / splits;
+  const int64_t splits = index_rows > 0 ? gather_capacity(dtype, D, R, device) / index_rows : 1;
+  p.splits = static_cast<int>(std::max<int64_t>(1, std::min({splits, most, kMaxMergedSplits})));
+  p.chunk = (p.K + p.splits - 1) / p.splits;
   p.sm90 = has_sm90(device);
 }
 

@@ -23,11 +23,10 @@ const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* 
 // sparse_attention's gather kernel takes head dims 32, 64, 128, 256 and up to 4 query rows per index
 // row (head mode, or group mode with G <= 4); launch_attention's tile kernel takes the rest.
 bool gather_takes(int64_t D, int64_t rows_per_group);
-// Splits of each index row (p.splits, p.chunk) and their cluster (p.cluster: 1, or the splits where
-// the device has clusters and they fit one): enough CTAs to fill device `device`.
+// Splits of each index row (p.splits, p.chunk): enough CTAs to fill device `device`.
 void plan_gather(AttnParams& p, DType dtype, int64_t D, int device);
 // The gather kernel into `out`; p.part_o / p.part_ml must hold p.splits partials a row where
-// p.splits > 1 and p.cluster != p.splits (merged by merge_splits afterwards).
+// p.splits > 1 (merged by merge_splits afterwards).
 const char* launch_gather(const AttnParams& p, DType dtype, int64_t D, void* out, void* stream);
 
 // CTAs per selection row (p.cluster) and the positions each takes (p.chunk), for device `device`.

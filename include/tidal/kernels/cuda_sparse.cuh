@@ -9,8 +9,9 @@
 // 16 bytes a lane, and keeps two batches of rows in flight (the next batch loads while one is
 // computed on); dot products are lane FMAs plus a shuffle reduction within the slot, and the online
 // softmax runs per slot. The slots of a CTA combine through shared memory; the CTAs that split one index row
-// either form a thread-block cluster and combine through distributed shared memory (sm_90, up to 8)
-// or write partial results for merge_splits_kernel.
+// write partial results for merge_splits_kernel. (Splits merged in a thread-block cluster through
+// distributed shared memory instead were slower at every benchmark shape on an H100: 1x32K top-k
+// 2048 head mode 20.8 us with a 7-CTA cluster, 17.2 us with 8 splits and the merge kernel.)
 #pragma once
 
 #include "tidal/kernels/cuda_attention.cuh"
@@ -30,13 +31,12 @@ TIDAL_HOST_DEVICE constexpr int gather_batch(int R) { return R == 1 ? 4 : 2; }
 // Slots (rows handled side by side) of a CTA: D/8 lanes each.
 constexpr int64_t gather_slots(int64_t D) { return kGatherWarps * 32 / (D / 8); }
 
-// Shared memory: every warp's softmax state for the CTA combine, then the CTA's own for the
-// cluster's; a state is [O (D floats), m, l], padded to 16-byte rows.
+// Shared memory: every warp's softmax state for the CTA combine; a state is [O (D floats), m, l],
+// padded to 16-byte rows.
 template <int D, int R>
 struct GatherSmem {
   static constexpr int kStride = D + 4;
-  static constexpr size_t kWarpFloats = size_t(kGatherWarps) * R * kStride;
-  static constexpr size_t kBytes = (kWarpFloats + size_t(R) * kStride) * sizeof(float);
+  static constexpr size_t kBytes = size_t(kGatherWarps) * R * kStride * sizeof(float);
 };
 
 // 8 elements of a 16-byte chunk as floats.
@@ -85,8 +85,7 @@ __device__ __forceinline__ Merged merge_states(int n, Base base, int d) {
   return c;
 }
 
-// Grid: x = index row x split (the CTAs of a cluster are consecutive splits of one index row),
-// y = batch row. p.rows_per_group (<= R) query rows share each index row; p.chunk entries per split.
+// Grid: x = index row x split, y = batch row. p.rows_per_group (<= R) query rows share each index row; p.chunk entries per split.
 template <typename T, int D, int R>
 __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const AttnParams p, T* __restrict__ out) {
   constexpr int kLanes = D / 8;  // lanes per K/V row
@@ -97,10 +96,6 @@ __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const 
   extern __shared__ __align__(16) unsigned char gather_smem[];
   constexpr int kStride = Smem::kStride;
   float* sW = reinterpret_cast<float*>(gather_smem);  // [warp][R] states
-  float* sC = sW + Smem::kWarpFloats;                 // [R] states of this CTA (cluster peers read them)
-#if !TIDAL_SM90
-  if (p.cluster != 1) __trap();  // the host asks for clusters only where the code has them
-#endif
   wait_for_previous_kernel();
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -157,8 +152,9 @@ __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const 
     for (int u = 0; u < U; ++u) {
       bt.k[u] = bt.v[u] = make_uint4(0u, 0u, 0u, 0u);
       if (pos[u] >= 0 && pos[u] < L) {  // -1 and out-of-range entries are skipped
-        bt.k[u] = __ldg(reinterpret_cast<const uint4*>(kbase + pos[u] * p.k_stride_n));
-        bt.v[u] = __ldg(reinterpret_cast<const uint4*>(vbase + pos[u] * p.v_stride_n));
+        // Streaming loads (evict first): an op reads each row once.
+        bt.k[u] = __ldcs(reinterpret_cast<const uint4*>(kbase + pos[u] * p.k_stride_n));
+        bt.v[u] = __ldcs(reinterpret_cast<const uint4*>(vbase + pos[u] * p.v_stride_n));
         bt.valid |= 1u << u;
       }
     }
@@ -256,35 +252,19 @@ __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const 
   __syncthreads();
 
   // The CTA's state, one (row, dim) element per thread and step: the output itself where the CTA
-  // has the whole index row, else shared memory for the cluster merge or a partial for merge_splits.
-  const unsigned cs = static_cast<unsigned>(p.cluster);
-  const bool whole_row = splits == 1, merge_in_cluster = !whole_row && cs == splits;
+  // has the whole index row, else a partial for merge_splits.
   for (uint32_t e = tid; e < rows * D; e += kGatherThreads) {
     const uint32_t r = e / D, d = e % D;
     const Merged c = merge_states<D>(kGatherWarps, [&](int w) { return sW + (w * R + r) * kStride; }, d);
     const int64_t row = b * p.Hq + head0 + r;  // output row (S = 1)
-    if (whole_row) {
+    if (splits == 1) {
       out[row * D + d] = Mma<T>::from_float(c.o * inv_row_sum(c.l));
-    } else if (merge_in_cluster) {
-      sC[r * kStride + d] = c.o;
-      if (d == 0) sC[r * kStride + D] = c.m, sC[r * kStride + D + 1] = c.l;
     } else {
       const int64_t slot_id = row * splits + split;
       p.part_o[slot_id * D + d] = c.o;
       if (d == 0) p.part_ml[slot_id * 2] = c.m, p.part_ml[slot_id * 2 + 1] = c.l;
     }
   }
-  if (!merge_in_cluster) return;  // uniform over the cluster: its CTAs share splits and cluster
-
-  // Cluster merge (splits == cluster size, so the split is the CTA's rank): CTA `split` finishes
-  // elements split, split + cs, ... of the index row's rows x D.
-  cluster_barrier();  // every CTA's state is in its shared memory
-  for (uint32_t e = split + cs * tid; e < rows * D; e += cs * kGatherThreads) {
-    const uint32_t r = e / D, d = e % D;
-    const Merged c = merge_states<D>(static_cast<int>(cs), [&](int i) { return cluster_peer(sC, i) + r * kStride; }, d);
-    out[(b * p.Hq + head0 + r) * D + d] = Mma<T>::from_float(c.o * inv_row_sum(c.l));
-  }
-  cluster_barrier();  // no peer reads this CTA's shared memory after this
 }
 
 }  // namespace tidal::kernels::cuda

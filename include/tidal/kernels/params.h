@@ -101,7 +101,6 @@ struct AttnParams {
   int64_t rows_per_group = 1;  // query heads per row group: G, or 1 for head-mode sparse
   int64_t chunk = 0;           // positions per split, a multiple of tile_tokens(D, sm90) (tile kernel)
   int splits = 1;
-  int cluster = 1;             // gather kernel: CTAs of a thread-block cluster (1, or splits: merged in-cluster)
   bool sm90 = false;           // device and code are sm_90+: bulk copies, early (programmatic) launch
   float scale = 1.f;
   float* scores = nullptr;  // [B, Hq, scores_ld]: scale * q.k of valid positions, -inf or unset past them (select only)
@@ -132,6 +131,6 @@ constexpr int kTopkChunk = 16384;      // positions a CTA aims for where rows ou
 constexpr int kTopkMinChunk = 2048;    // fewest positions a CTA takes (a row's cluster size cap)
 constexpr int kTopkListCap = 4096;     // possible winners a CTA lists in shared memory (48 KB in
                                        // all with the histograms)
-constexpr int kMaxCluster = 8;         // the portable cluster size (top-k and gather kernels)
+constexpr int kMaxCluster = 8;         // the portable cluster size (top-k kernel)
 
 }  // namespace tidal::kernels
