@@ -117,8 +117,8 @@ __device__ __forceinline__ void bulk_copy(void* smem, const void* gmem, unsigned
 #if TIDAL_SM90
   asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
   asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint [%0], [%1], %2, [%3], %4;\n" ::"r"(
-          smem_u32(smem)),
+      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1], %2, [%3], %4;\n" ::"r"(smem_u32(smem)),
       "l"(gmem), "r"(bytes), "r"(smem_u32(bar)), "l"(policy)
       : "memory");
 #endif
@@ -398,8 +398,8 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
           const float y1 = __shfl_xor_sync(0xffffffffu, s[nb][2 * j + 1], 1);
           const int64_t pos = tPos[warp * 16 + nb * 8 + 2 * (lane & 3)];
           if ((lane & 1) == 0 && row_ok[j] && pos >= 0)
-            store_hinted(reinterpret_cast<float4*>(score_row[j] + pos), make_float4(s[nb][2 * j], s[nb][2 * j + 1], y0, y1),
-                         score_policy);
+            store_hinted(reinterpret_cast<float4*>(score_row[j] + pos),
+                         make_float4(s[nb][2 * j], s[nb][2 * j + 1], y0, y1), score_policy);
         }
     float alpha[2], m_use[2];
     for (int j = 0; j < 2; ++j) {

@@ -85,7 +85,8 @@ __device__ __forceinline__ Merged merge_states(int n, Base base, int d) {
   return c;
 }
 
-// Grid: x = index row x split, y = batch row. p.rows_per_group (<= R) query rows share each index row; p.chunk entries per split.
+// Grid: x = index row x split, y = batch row. p.rows_per_group (<= R) query rows share each index
+// row; p.chunk entries per split.
 template <typename T, int D, int R>
 __global__ void __launch_bounds__(kGatherThreads, 2) sparse_gather_kernel(const AttnParams p, T* __restrict__ out) {
   constexpr int kLanes = D / 8;  // lanes per K/V row
