@@ -83,13 +83,18 @@ int64_t gather_capacity(DType dtype, int64_t D, int R, int device) {
 int64_t cluster_limit(int device) { return has_sm90(device) ? kMaxCluster : 1; }
 
 // The top-k kernel's shared memory (48 KB dynamic, more than the default allows) and carveout (all
-// shared memory, so an SM holds as many of a cluster's CTAs as its registers allow).
-cudaError_t topk_set_attributes() {
-  const auto kernel = topk_kernel<kTopkBlock>;
-  const cudaError_t err =
-      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTopkSmemBytes));
-  if (err != cudaSuccess) return err;
-  return cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+// shared memory, so an SM holds as many of a cluster's CTAs as its registers allow), set once per
+// device (`device`, the current one): the result of the first setting.
+cudaError_t topk_set_attributes(int device) {
+  const int result = cached_per_device<1>(device, 0, [] {
+    const auto kernel = topk_kernel<kTopkBlock>;
+    cudaError_t err =
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(kTopkSmemBytes));
+    if (err == cudaSuccess)
+      err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
+    return static_cast<int>(err) + 1;  // the cache holds nonzero values
+  });
+  return static_cast<cudaError_t>(result - 1);
 }
 
 // Clusters of `cs` top-k CTAs the device runs at once (cached per device and size).
@@ -97,7 +102,7 @@ int64_t topk_active_clusters(int device, int cs) {
   return cached_per_device<kMaxCluster + 1>(device, cs, [&] {
     const Launch l(dim3(static_cast<unsigned>(cs)), kTopkBlock, kTopkSmemBytes, nullptr, cs, false);
     int n = 0;
-    if (topk_set_attributes() != cudaSuccess ||
+    if (topk_set_attributes(device) != cudaSuccess ||
         cudaOccupancyMaxActiveClusters(&n, topk_kernel<kTopkBlock>, &l.config) != cudaSuccess)
       n = 0;
     cudaGetLastError();  // a failed query leaves no sticky error for the next launch check
@@ -170,7 +175,9 @@ void plan_topk(TopkParams& p, int device) {
 const char* launch_topk(const TopkParams& p, void* stream) {
   const int64_t rows = p.B * p.Hsel;
   if (rows == 0) return nullptr;
-  const cudaError_t attr = topk_set_attributes();
+  int device = 0;
+  cudaGetDevice(&device);
+  const cudaError_t attr = topk_set_attributes(device);
   if (attr != cudaSuccess) return cudaGetErrorString(attr);
   // Selection heads x cluster ranks in x (<= 2^31 - 1), the batch in y (<= 65535): both checked by
   // the launcher.
