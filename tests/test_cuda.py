@@ -47,6 +47,25 @@ def test_long_context_select_decode_sparse(B, N, lens, mode):
     assert_accurate(sparse, ref_sparse, baseline_sparse(q, k0, v0, idx, lens), torch.bfloat16, f"sparse {mode}")
 
 
+@pytest.mark.parametrize("B,Hq,Hkv,D,N", [
+    (2, 32, 4, 128, 20000),  # 8 query rows a CTA: more than the tile kernel's digit counters hold
+    (17, 8, 8, 128, 66000),  # one split a row (136 rows fill an H100): 66048 positions a CTA, past 16 bits
+], ids=["G8", "long-chunk"])
+def test_select_head_without_attention_digit_counts(B, Hq, Hkv, D, N):
+    """Head mode where the attention pass cannot count the top-k's first digits: the top-k kernel
+    reads every score for them itself. Same selection as the reference either way."""
+    top_k, sink, recent = 1000, 2, 9
+    lens = [N - 1000 * b for b in range(B)]
+    q = torch.randn(B, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, Hkv, N, D, device="cuda", dtype=torch.bfloat16)
+    sl = torch.tensor(lens, dtype=torch.int32, device="cuda")
+    _, idx = tidal_ext.select_attention(q, k, v, sl, top_k, "head", sink, recent)
+    _, ref_idx = ref.select_attention(q, k, v, sl, top_k, "head", sink, recent)
+    check_selection(idx, ref_idx, ref.selection_scores(q, k, sl, "head"), lens, top_k, sink, recent, rel_tol=1e-3,
+                    what="select head, top-k's own digit counts")
+
+
 @pytest.mark.parametrize("top_k", [3000, 30000])
 @pytest.mark.parametrize("mode", ["head", "group"])
 def test_select_ties_across_top_k_chunks(mode, top_k):

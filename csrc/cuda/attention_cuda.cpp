@@ -83,12 +83,18 @@ Partials allocate_partials(kernels::AttnParams& p, int64_t slots, int64_t D, con
   return w;
 }
 
-// Plans the splits, allocates the split workspace and runs attention + merge into `out`.
+// Allocates the split workspace of p (planned) and runs attention + merge into `out`.
+void run_planned_attention(const char* op, kernels::AttnParams& p, kc::DType dtype, int64_t D, const at::Tensor& q,
+                           at::Tensor& out, float* lse) {
+  const Partials partials = allocate_partials(p, p.B * p.Hq * p.S * p.splits, D, q);
+  check_launch(op, kc::launch_attention(p, dtype, D, out.data_ptr(), lse, current_stream(q)));
+}
+
+// Plans the splits, then runs attention + merge into `out`.
 void run_attention(const char* op, kernels::AttnParams& p, kc::DType dtype, int64_t D, int64_t positions,
                    const at::Tensor& q, at::Tensor& out, float* lse) {
   kc::plan_splits(p, dtype, D, positions, q.get_device());
-  const Partials partials = allocate_partials(p, p.B * p.Hq * p.S * p.splits, D, q);
-  check_launch(op, kc::launch_attention(p, dtype, D, out.data_ptr(), lse, current_stream(q)));
+  run_planned_attention(op, p, dtype, D, q, out, lse);
 }
 
 // Shared start of decode/select/sparse: checks, device guard, params.
@@ -142,15 +148,26 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
                            " selection heads on CUDA (top-k CTAs are a grid dimension)"),
                   hsel);
   const auto f32 = q.options().dtype(at::kFloat);
-  p.scores_ld = (p.N + 3) / 4 * 4;  // 16-byte rows for the top-k kernel's vector loads
+  p.scores_ld = (p.N + 31) / 32 * 32;  // whole 128-byte L2 lines (the top-k kernel drops them)
   at::Tensor scores = at::empty({p.B, p.Hq, p.scores_ld}, f32);
   at::Tensor lse = group ? at::empty({p.B, p.Hq}, f32) : at::Tensor();
   at::Tensor indices = at::empty({p.B, hsel, top_k}, q.options().dtype(at::kInt));
   p.scores = scores.data_ptr<float>();
-  run_attention(op, p, c.dtype, c.launch.params.D, p.N, q, c.launch.out, group ? lse.data_ptr<float>() : nullptr);
+  kc::plan_splits(p, c.dtype, c.launch.params.D, p.N, q.get_device());
+  // Head mode: the attention pass counts the top-k's first digits where it can (group mode's keys
+  // need the lse), and the top-k skips its first read of the scores.
+  at::Tensor hist;
+  if (!group && kc::digits_fit(p, c.dtype, c.launch.params.D, q.get_device())) {
+    hist = at::zeros({p.B, p.Hq, kernels::kTopkBins}, q.options().dtype(at::kInt));
+    p.hist = hist.data_ptr<int>();
+    p.sink = sink;
+    p.tail = recent > 1 ? recent : 1;
+  }
+  run_planned_attention(op, p, c.dtype, c.launch.params.D, q, c.launch.out, group ? lse.data_ptr<float>() : nullptr);
 
   t.scores = scores.data_ptr<float>();
   t.lse = group ? lse.data_ptr<float>() : nullptr;
+  t.hist = p.hist;
   t.seq_lens = p.seq_lens;
   t.indices = indices.data_ptr<int32_t>();
   t.ld = p.scores_ld;

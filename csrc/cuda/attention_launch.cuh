@@ -48,17 +48,24 @@ cudaError_t launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_
 }
 
 // The tile kernel's CTA in the code the device runs (sm90 = p.sm90: sm_90 code): its threads and
-// dynamic shared memory.
+// dynamic shared memory, without and with select's digit counters.
 template <typename T, int D>
 struct TileCta {
   int threads;
-  size_t smem;
+  size_t smem, smem_digits;
   explicit TileCta(bool sm90)
-      : threads(tile_threads(D, sm90)), smem(sm90 ? AttnSmem<T, D, true>::kBytes : AttnSmem<T, D, false>::kBytes) {}
-  // Raises the kernel's shared-memory limit to smem on the current device.
+      : threads(tile_threads(D, sm90)),
+        smem(sm90 ? AttnSmem<T, D, true>::kBytes : AttnSmem<T, D, false>::kBytes),
+        smem_digits(smem + AttnSmem<T, D, true>::kDigitBytes) {}
+  // Raises the kernel's shared-memory limit on the current device: to smem_digits where the device
+  // allows, else to smem.
   cudaError_t allow() const {
-    return cudaFuncSetAttribute(attention_split_kernel<T, D>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(smem));
+    const auto kernel = attention_split_kernel<T, D>;
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_digits)) ==
+        cudaSuccess)
+      return cudaSuccess;
+    cudaGetLastError();  // a refused limit leaves no sticky error for the next launch check
+    return cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   }
 };
 
@@ -72,7 +79,7 @@ const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, c
   // splits (<= kMaxSplits) in y, the batch (<= 65535, checked by the torch-side launcher) in z.
   const dim3 grid(static_cast<unsigned>(p.row_groups() * p.m_tiles()), static_cast<unsigned>(p.splits),
                   static_cast<unsigned>(p.B));
-  const Launch l(grid, cta.threads, cta.smem, stream, 1, false);
+  const Launch l(grid, cta.threads, p.hist != nullptr ? cta.smem_digits : cta.smem, stream, 1, false);
   cudaError_t err = cudaLaunchKernelEx(&l.config, attention_split_kernel<T, D>, p);
   if (err == cudaSuccess) err = launch_merge<T, D>(p, out, lse, stream);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
@@ -97,16 +104,19 @@ const char* launch_attention_for(const AttnParams& p, int64_t D, void* out, floa
   return with_tile_instance(D, [&](auto d) { return launch_attention_typed<T, decltype(d)::value>(p, out, lse, stream); });
 }
 
-// CTAs of the tile kernel an SM holds, in the code the device runs (sm90: sm_90 code).
+// CTAs of the tile kernel an SM holds, in the code the device runs (sm90: sm_90 code), with or
+// without select's digit counters (0: none fits).
 template <typename T>
-int ctas_per_sm(int64_t D, bool sm90) {
+int ctas_per_sm(int64_t D, bool sm90, bool digits) {
   return with_tile_instance(D, [&](auto d) {
     const TileCta<T, decltype(d)::value> cta(sm90);
     cta.allow();
     int n = 0;
-    cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attention_split_kernel<T, decltype(d)::value>, cta.threads,
-                                                  cta.smem);
-    return n > 0 ? n : 1;
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attention_split_kernel<T, decltype(d)::value>, cta.threads,
+                                                      digits ? cta.smem_digits : cta.smem) != cudaSuccess)
+      n = 0;
+    cudaGetLastError();
+    return n;
   });
 }
 

@@ -10,8 +10,8 @@ namespace tidal::kernels::cuda {
 
 const char* launch_attention_bf16(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream);
 const char* launch_attention_fp16(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream);
-int ctas_per_sm_bf16(int64_t D, bool sm90);
-int ctas_per_sm_fp16(int64_t D, bool sm90);
+int ctas_per_sm_bf16(int64_t D, bool sm90, bool digits);
+int ctas_per_sm_fp16(int64_t D, bool sm90, bool digits);
 const char* launch_gather_bf16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
 const char* launch_gather_fp16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
 int gather_ctas_per_sm_bf16(int64_t D, int R);
@@ -61,14 +61,26 @@ bool has_sm90(int device) {
   return sm90 == 2;
 }
 
+int tile_ctas_per_sm(DType dtype, int64_t D, bool sm90, bool digits) {
+  return dtype == DType::Half ? ctas_per_sm_fp16(D, sm90, digits) : ctas_per_sm_bf16(D, sm90, digits);
+}
+
 // Resident CTAs the device holds: SMs x CTAs per SM of the tile kernel in the code the device runs
 // (cached per device, dtype, D).
 int64_t resident_ctas(DType dtype, int64_t D, int device) {
   const int t = dtype == DType::Half ? 0 : 1;
   return cached_per_device<2 * 5>(device, t * 5 + head_dim_slot(D), [&] {
-    const bool sm90 = has_sm90(device);
-    return sm_count(device) * (dtype == DType::Half ? ctas_per_sm_fp16(D, sm90) : ctas_per_sm_bf16(D, sm90));
+    return sm_count(device) * std::max(1, tile_ctas_per_sm(dtype, D, has_sm90(device), false));
   });
+}
+
+// Whether the tile kernel's digit counters cost no occupancy (cached per device, dtype, D).
+bool digits_keep_occupancy(DType dtype, int64_t D, int device) {
+  const int t = dtype == DType::Half ? 0 : 1;
+  return cached_per_device<2 * 5>(device, t * 5 + head_dim_slot(D), [&] {
+    const bool sm90 = has_sm90(device);
+    return tile_ctas_per_sm(dtype, D, sm90, true) == tile_ctas_per_sm(dtype, D, sm90, false) ? 2 : 1;
+  }) == 2;
 }
 
 // The same for the gather kernel with R query rows (1, 2 or 4).
@@ -127,6 +139,10 @@ void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int d
   p.splits = static_cast<int>((tiles + tiles_per_split - 1) / tiles_per_split);
 }
 
+bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device) {
+  return p.rows_per_cta_group() <= kDigitRows && p.chunk <= kDigitMaxCount && digits_keep_occupancy(dtype, D, device);
+}
+
 const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* out, float* lse, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   return dtype == DType::Half ? launch_attention_fp16(p, D, out, lse, s) : launch_attention_bf16(p, D, out, lse, s);
@@ -168,7 +184,7 @@ void plan_topk(TopkParams& p, int device) {
   if (cs == 0) cs = std::min<int64_t>(limit, (p.N + kTopkChunk - 1) / kTopkChunk);
   cs = cs < 1 ? 1 : cs;
   p.cluster = static_cast<int>(cs);
-  p.chunk = ((p.N + cs - 1) / cs + 3) / 4 * 4;
+  p.chunk = ((p.N + cs - 1) / cs + 31) / 32 * 32;  // whole L2 lines: a CTA drops its own
   p.sm90 = has_sm90(device);
 }
 

@@ -138,6 +138,12 @@ __device__ __forceinline__ uint64_t l2_policy() {
 #endif
   return policy;
 }
+// Invalidates the 128-byte L2 line at `line` (128-byte aligned) without writing it back: its data
+// is dead. Later reads of it return undefined values. No memory clobber: nothing reads it again.
+constexpr int kL2LineFloats = 32;
+__device__ __forceinline__ void l2_discard(const float* line) {
+  asm volatile("discard.global.L2 [%0], 128;\n" ::"l"(line));
+}
 // *dst = v, its line taking L2 policy `policy` (sm_90 code; a plain store elsewhere).
 __device__ __forceinline__ void store_hinted(float4* dst, const float4& v, uint64_t policy) {
 #if TIDAL_SM90
@@ -148,6 +154,18 @@ __device__ __forceinline__ void store_hinted(float4* dst, const float4& v, uint6
   *dst = v;
 #endif
 }
+
+// Order-preserving map of a float to uint32 (larger float -> larger key); NaN above everything and
+// -0 equal to +0, matching the CPU kernel's ranks_before.
+__device__ __forceinline__ uint32_t rank_key(float x) {
+  if (x != x) return 0xffffffffu;
+  if (x == 0.f) x = 0.f;
+  const uint32_t u = __float_as_uint(x);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The top-k's first radix digit of a key: its top 11 bits.
+__device__ __forceinline__ uint32_t first_digit(uint32_t key) { return key >> 21; }
 
 // Programmatic dependent launch (sm_90): a kernel may start while the previous kernel of the stream
 // finishes, so its launch latency and set-up overlap that kernel's tail. Every kernel here waits for
@@ -206,6 +224,8 @@ struct AttnSmem {
   // and each row's m, l.
   static_assert((size_t(kWarps) * kTileRows * (D + 3) + 2 * kTileRows) * sizeof(float) <= kTileBytes,
                 "combine buffer must fit in the tile buffers");
+  // With select's digit counts (p.hist): kDigitRows x kTopkBins 16-bit counters after the rest.
+  static constexpr size_t kDigitBytes = size_t(kDigitRows) * kTopkBins * sizeof(uint16_t);
 };
 
 template <typename T, int D>
@@ -218,6 +238,9 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
   T* sK = reinterpret_cast<T*>(smem_raw);
   T* sV = sK + kStages * Smem::kTileElems;
   int32_t* sPos = reinterpret_cast<int32_t*>(sV + kStages * Smem::kTileElems);
+  // select's digit counts: row r's digits 2w, 2w + 1 in the low, high half of word r * kTopkBins / 2 + w
+  uint32_t* sDigits = reinterpret_cast<uint32_t*>(smem_raw + Smem::kBytes);
+  constexpr int kDigitWords = kDigitRows * kTopkBins / 2;
 
   wait_for_previous_kernel();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -345,6 +368,9 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
   for (int n = 0; n < D / 8; ++n) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
   float m_run[2] = {kNegInf, kNegInf}, l_run[2] = {0.f, 0.f};
 
+  if (p.hist != nullptr)  // the loop's first barrier orders this before the first count
+    for (int w = tid; w < kDigitWords; w += kThreads) sDigits[w] = 0;
+
   // Pipeline: tiles 0 .. kStages-2 in flight before the loop; each iteration waits for its tile,
   // then refills the stage the previous iteration consumed (the barrier orders that reuse).
   for (int s = 0; s < kStages - 1; ++s) {
@@ -401,6 +427,33 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
             store_hinted(reinterpret_cast<float4*>(score_row[j] + pos),
                          make_float4(s[nb][2 * j], s[nb][2 * j + 1], y0, y1), score_policy);
         }
+    // select, head mode: the first digits of each row's candidates [sink, L - tail), counted while
+    // the scores are in registers, so the top-k need not read every score once more for them. The
+    // CTA's rows (<= kDigitRows) are lane / 4 of row block j = 0; a lane's 4 scores are one row's, at
+    // positions (dense) t0 + 8 nb + c. Keys crowd into a few digits: a lane adds equal ones at once.
+    if (p.hist != nullptr && row_ok[0] && lane < 4 * kDigitRows) {
+      const int64_t t0 = p0 + tile * kTileTokens + warp * 16 + 2 * (lane & 3), c1 = min64(limit[0] - p.tail, p1);
+      uint32_t slot[4];
+      bool cand[4];
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        const int64_t t = t0 + 8 * (i >> 1) + (i & 1);
+        cand[i] = t >= p.sink && t < c1;
+        slot[i] = (lane >> 2) * kTopkBins + first_digit(rank_key(s[i >> 1][i & 1]));
+      }
+#pragma unroll
+      for (int i = 0; i < 4; ++i) {
+        if (!cand[i]) continue;
+        uint32_t n = 1;
+#pragma unroll
+        for (int k = i + 1; k < 4; ++k)
+          if (cand[k] && slot[k] == slot[i]) {
+            ++n;
+            cand[k] = false;
+          }
+        atomicAdd(&sDigits[slot[i] / 2], n << (16 * (slot[i] & 1)));
+      }
+    }
     float alpha[2], m_use[2];
     for (int j = 0; j < 2; ++j) {
       tmax[j] = fmaxf(tmax[j], __shfl_xor_sync(0xffffffffu, tmax[j], 1));
@@ -456,6 +509,14 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
   // Combine the 4 warps through shared memory (the tile buffers are free now): each row's warp
   // weights once, then the CTA's valid rows element by element.
   __syncthreads();
+  if (p.hist != nullptr) {  // the CTA's digit counts into its rows' (zeroed) histograms
+    int* hist = p.hist + (b * p.Hq + rg * Gr) * kTopkBins;  // word w: entries 2w, 2w + 1
+    for (int w = tid; w < kDigitWords; w += kThreads) {
+      const uint32_t v = sDigits[w];
+      if (v & 0xffffu) atomicAdd(hist + 2 * w, static_cast<int>(v & 0xffffu));
+      if (v >> 16) atomicAdd(hist + 2 * w + 1, static_cast<int>(v >> 16));
+    }
+  }
   float* cO = reinterpret_cast<float*>(smem_raw);        // [kWarps][kTileRows][D]
   float* cM = cO + kWarps * kTileRows * D;               // [kWarps][kTileRows]
   float* cL = cM + kWarps * kTileRows;                   // [kWarps][kTileRows]
@@ -563,22 +624,14 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
 //
 // One kernel: a cluster of p.cluster CTAs per selection row, each owning a contiguous chunk of the
 // row's positions. Pass A reads the chunk's scores once, turns them into rank keys and histograms
-// their top 11 bits; the CTAs sum the cluster's histograms through distributed shared memory, so
-// each knows the bin of the cut key. A second read lists, in position order, the chunk's keys at or
-// above that bin (every possible winner, usually a few hundred) in shared memory; two more radix
-// passes (11 and 10 bits) over the list give the exact cut key; each CTA counts its winners, takes
-// its offset from the lower chunks' counts and writes them in position order, so rows come out
-// sorted. A chunk whose list would overflow re-reads its keys instead. Without clusters (sm_80),
+// their top 11 bits (head mode, where p.hist is given: the attention pass counted them, and pass A
+// only loads that histogram); the CTAs sum the cluster's histograms through distributed shared
+// memory, so each knows the bin of the cut key. A second read lists, in position order, the chunk's
+// keys at or above that bin (every possible winner, usually a few hundred) in shared memory; two
+// more radix passes (11 and 10 bits) over the list give the exact cut key; each CTA counts its
+// winners, takes its offset from the lower chunks' counts and writes them in position order, so
+// rows come out sorted. A chunk whose list would overflow re-reads its keys instead. Without clusters (sm_80),
 // p.cluster is 1 and the "cluster" calls are the CTA's own.
-
-// Order-preserving map of a float to uint32 (larger float -> larger key); NaN above everything and
-// -0 equal to +0, matching the CPU kernel's ranks_before.
-__device__ __forceinline__ uint32_t rank_key(float x) {
-  if (x != x) return 0xffffffffu;
-  if (x == 0.f) x = 0.f;
-  const uint32_t u = __float_as_uint(x);
-  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
-}
 
 __device__ __forceinline__ void cluster_barrier() {
 #if TIDAL_SM90
@@ -676,6 +729,20 @@ __device__ __forceinline__ void topk_first_keys(const TopkParams& p, const TopkR
                       nan[u][2] ? 0xffffffffu : rank_key(best[u][2]), nan[u][3] ? 0xffffffffu : rank_key(best[u][3]));
 }
 
+// The scores are dead once a top-k CTA has read its chunk: it drops their L2 lines, so they are never
+// written back to DRAM, where the write-back would slow the next kernel's stream. `row0`: the row
+// (group mode: the group's first row) whose chunk `rank` is dropped.
+__device__ __forceinline__ void topk_drop_chunk(const TopkParams& p, float* row0, unsigned rank) {
+  const bool whole_lines = reinterpret_cast<uintptr_t>(p.scores) % (kL2LineFloats * sizeof(float)) == 0 &&
+                           p.ld % kL2LineFloats == 0 && p.chunk % kL2LineFloats == 0;
+  if (!whole_lines) return;  // a line may hold scores another CTA still reads
+  const int rows = p.lse != nullptr ? static_cast<int>(p.Hq / p.Hsel) : 1;
+  const int begin = static_cast<int>(rank * p.chunk), end = static_cast<int>(min64(begin + p.chunk, p.ld));
+  for (int h = 0; h < rows; ++h)
+    for (int t = begin + threadIdx.x * kL2LineFloats; t < end; t += blockDim.x * kL2LineFloats)
+      l2_discard(row0 + h * p.ld + t);
+}
+
 // Shared memory of the top-k kernel beyond its static part: two histograms (radix passes alternate
 // between them, so a pass never clears one a peer may still be reading) and the candidate list.
 constexpr size_t kTopkSmemBytes = 2 * kTopkBins * sizeof(int) + kTopkListCap * sizeof(uint2);
@@ -724,8 +791,9 @@ __device__ __forceinline__ void topk_write_round(typename Scan::TempStorage& sca
   eq_seen += round_eq;
 }
 
+// Two CTAs an SM (registers <= 64 a thread): plan_topk's cluster sizes assume it.
 template <int kBlock>
-__global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
+__global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   using Scan = cub::BlockScan<int, kBlock>;
   using Reduce = cub::BlockReduce<int, kBlock>;
   __shared__ union {
@@ -757,7 +825,10 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
       for (int64_t t = tid; t < tail; t += kBlock) out[p.top_k - tail + t] = static_cast<int32_t>(row.c1 + t);
     }
   }
-  if (row.trivial) return;  // the whole cluster leaves together, before any cluster barrier
+  if (row.trivial) {  // the whole cluster leaves together, before any cluster barrier
+    topk_drop_chunk(p, row.row0, rank);
+    return;
+  }
 
   // This CTA's candidates [lo, hi) and the 4-position vectors [v0, v1) covering them (N < 2^31).
   const int t0 = static_cast<int>(rank * p.chunk);
@@ -800,8 +871,13 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
   };
 
   // Pass A: every key once from global memory (group mode: computed, then stored over the first row),
-  // histogram of the top 11 bits.
-  {
+  // histogram of the top 11 bits. Head mode's histogram comes from the attention pass: rank 0 holds
+  // the row's, its peers zeros.
+  static_assert(kTopkBins == 4 * kBlock, "a thread copies 4 bins");
+  if (p.hist != nullptr) {
+    if (rank == 0)
+      reinterpret_cast<int4*>(hist)[tid] = reinterpret_cast<const int4*>(p.hist + (b * p.Hsel + g) * kTopkBins)[tid];
+  } else {
     constexpr int kUnroll = 4;  // vector loads in flight per thread
     for (int vb = v0; vb < v1; vb += kUnroll * kBlock) {
       uint4 k[kUnroll];
@@ -812,7 +888,7 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
         if (group && v < v1) reinterpret_cast<uint4*>(row.row0)[v] = k[u];
         for (int e = 0; e < 4; ++e) {
           const int t = 4 * v + e;
-          if (v < v1 && t >= lo && t < hi) atomicAdd(&hist[key_at(k[u], e) >> 21], 1);
+          if (v < v1 && t >= lo && t < hi) atomicAdd(&hist[first_digit(key_at(k[u], e))], 1);
         }
       }
     }
@@ -883,6 +959,7 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
     }
   __syncthreads();
   const bool use_list = !overflow;  // else (rare: many ties, a huge budget) re-scan the keys
+  if (use_list) topk_drop_chunk(p, row.row0, rank);  // the chunk's last read is done
 
   // Passes B and C (10 and 11 more bits) over the listed keys matching the prefix.
   for (int pass = 1; pass < 3; ++pass) {
@@ -978,6 +1055,10 @@ __global__ void __launch_bounds__(kBlock) topk_kernel(const TopkParams p) {
       }
       topk_write_round<kBlock, kItems, Scan>(tmp.scan, k, pos, ok, cut, take_eq, eq_seen, written, out);
     }
+  }
+  if (!use_list) {
+    __syncthreads();  // every thread's last read of the chunk (the re-scan) is done
+    topk_drop_chunk(p, row.row0, rank);
   }
 }
 

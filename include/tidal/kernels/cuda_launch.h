@@ -16,6 +16,11 @@ enum class DType { Half, BFloat16 };
 // fill the device `device`. Sets p.chunk and p.splits.
 void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int device);
 
+// Whether select's tile kernel can count the top-k's first digits for p (planned, head mode; p.hist
+// then a zeroed [B, Hq, kTopkBins] histogram): a CTA's rows fit the counters, its chunk the 16-bit
+// counts, and the counters' shared memory costs no occupancy.
+bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device);
+
 // Attention (with p.part_o / p.part_ml allocated for p.splits) then the merge into `out`
 // (contiguous [B, Hq, S, D] of dtype); lse (optional, [B * Hq * S] fp32) receives each row's logsumexp.
 const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* out, float* lse, void* stream);

@@ -21,6 +21,12 @@ constexpr bool is_supported_head_dim(int64_t D) {
   return false;
 }
 
+constexpr int kTopkBins = 2048;  // top-k radix digits of 11, 11 and 10 bits
+// select (head mode): the tile kernel counts the top-k's first digits of up to kDigitRows query rows
+// a CTA in 16-bit shared-memory counters, so a CTA takes at most kDigitMaxCount positions.
+constexpr int kDigitRows = 4;
+constexpr int64_t kDigitMaxCount = 65535;
+
 // One query per sequence against a [B, Hkv, N, D] KV cache (last dim contiguous).
 struct DecodeParams {
   int64_t B = 0, Hq = 0, Hkv = 0, N = 0, D = 0;
@@ -104,7 +110,9 @@ struct AttnParams {
   bool sm90 = false;           // device and code are sm_90+: bulk copies, early (programmatic) launch
   float scale = 1.f;
   float* scores = nullptr;  // [B, Hq, scores_ld]: scale * q.k of valid positions, -inf or unset past them (select only)
-  int64_t scores_ld = 0;    // row pitch of scores: N rounded up to a multiple of 4 (16-byte rows)
+  int64_t scores_ld = 0;    // row pitch of scores: N rounded up to a multiple of 32 (128-byte lines)
+  int* hist = nullptr;      // [B, Hq, kTopkBins], zeroed (select, head mode, digits_fit): first-digit counts
+  int64_t sink = 0, tail = 1;  // candidates of the top-k: positions [sink, L - tail) (select, head mode)
   float* part_o = nullptr;  // [B, Hq * S, splits, D]
   float* part_ml = nullptr; // [B, Hq * S, splits, 2]: running max m and sum l
 
@@ -114,18 +122,18 @@ struct AttnParams {
 };
 
 struct TopkParams {
-  float* scores = nullptr;      // [B, Hq, ld] raw scores; group mode may overwrite each group's first row
-  int64_t ld = 0;               // row pitch, a multiple of 4
+  float* scores = nullptr;      // [B, Hq, ld] raw scores, dead after the kernel (it drops their L2 lines)
+  int64_t ld = 0;               // row pitch, a multiple of 4 (32: the lines are dropped)
   const float* lse = nullptr;   // [B, Hq] (group mode)
+  const int* hist = nullptr;    // [B, Hq, kTopkBins] (head mode): the attention pass's first-digit counts
   const int32_t* seq_lens = nullptr;
   int32_t* indices = nullptr;   // [B, Hsel, top_k]
   int64_t B = 0, Hq = 0, Hsel = 0, N = 0, top_k = 0, sink = 0, recent = 0;
   int cluster = 1;              // CTAs (a thread-block cluster) per selection row
   bool sm90 = false;            // device and code are sm_90+: early (programmatic) launch
-  int64_t chunk = 0;            // positions per CTA, a multiple of 4
+  int64_t chunk = 0;            // positions per CTA, a multiple of 4 (32: the lines are dropped)
 };
 
-constexpr int kTopkBins = 2048;        // radix digits of 11, 11 and 10 bits
 constexpr int kTopkBlock = 512;        // threads of a top-k CTA
 constexpr int kTopkChunk = 16384;      // positions a CTA aims for where rows outnumber the device
 constexpr int kTopkMinChunk = 2048;    // fewest positions a CTA takes (a row's cluster size cap)
