@@ -838,20 +838,24 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   for (int i = tid; i < 2 * kTopkBins; i += kBlock) hist[i] = 0;
   __syncthreads();
 
-  // Chooses the digit of pass `pass` from the cluster's histograms `h` and narrows (prefix, mask,
-  // want); want = rank (1-based, from the top) of the cut key among the keys matching the prefix.
+  // Chooses the digit of pass `pass` from the histograms `h` of `peers` CTAs (the cluster's, or 1
+  // where each CTA holds the row's) and narrows (prefix, mask, want); want = rank (1-based, from the
+  // top) of the cut key among the keys matching the prefix.
   uint32_t prefix = 0, mask = 0;
   int64_t want = row.free_slots;
   constexpr int kPer = 4;  // bins per thread: one 16-byte load from each peer
   static_assert(kTopkBins == kPer * kBlock, "a thread scans kPer bins");
-  auto choose_digit = [&](const int* h, int shift, uint32_t digit_mask) {
-    cluster_barrier();  // every CTA's histogram is complete
+  auto choose_digit = [&](const int* h, int shift, uint32_t digit_mask, unsigned peers) {
+    if (peers > 1)
+      cluster_barrier();  // every CTA's histogram is complete
+    else
+      __syncthreads();
     const int base = kTopkBins - kPer * (tid + 1);  // bins base .. base + 3, scanned top digit first
     int items[kPer] = {}, incl[kPer];
 #pragma unroll
     for (unsigned q = 0; q < kMaxCluster; ++q) {
-      if (q >= cs) break;
-      const int4 x = *reinterpret_cast<const int4*>(cluster_peer(h, q) + base);
+      if (q >= peers) break;
+      const int4 x = *reinterpret_cast<const int4*>((peers > 1 ? cluster_peer(h, q) : h) + base);
       items[0] += x.w, items[1] += x.z, items[2] += x.y, items[3] += x.x;
     }
     Scan(tmp.scan).InclusiveSum(items, incl);
@@ -871,12 +875,11 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   };
 
   // Pass A: every key once from global memory (group mode: computed, then stored over the first row),
-  // histogram of the top 11 bits. Head mode's histogram comes from the attention pass: rank 0 holds
-  // the row's, its peers zeros.
+  // histogram of the top 11 bits. Head mode's histogram comes from the attention pass: every CTA
+  // loads the row's and finds the first digit on its own (no cluster barrier).
   static_assert(kTopkBins == 4 * kBlock, "a thread copies 4 bins");
   if (p.hist != nullptr) {
-    if (rank == 0)
-      reinterpret_cast<int4*>(hist)[tid] = reinterpret_cast<const int4*>(p.hist + (b * p.Hsel + g) * kTopkBins)[tid];
+    reinterpret_cast<int4*>(hist)[tid] = reinterpret_cast<const int4*>(p.hist + (b * p.Hsel + g) * kTopkBins)[tid];
   } else {
     constexpr int kUnroll = 4;  // vector loads in flight per thread
     for (int vb = v0; vb < v1; vb += kUnroll * kBlock) {
@@ -893,7 +896,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
       }
     }
   }
-  choose_digit(hist, 21, 0x7ffu);
+  choose_digit(hist, 21, 0x7ffu, p.hist != nullptr ? 1u : cs);
 
   // The list: every key of this chunk at or above pass A's cut bin (all possible winners), in
   // position order. Warp w lists its own 1/kWarpsT of the chunk into its own segment (ballot
@@ -984,7 +987,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
         }
       }
     }
-    choose_digit(h, shift, digit_mask);
+    choose_digit(h, shift, digit_mask, cs);
   }
   const uint32_t cut = prefix;
   const int64_t take_eq = want;  // keys equal to the cut to take, lowest positions first
