@@ -161,7 +161,7 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
     hist = at::zeros({p.B, p.Hq, kernels::kTopkBins}, q.options().dtype(at::kInt));
     p.hist = hist.data_ptr<int>();
     p.sink = sink;
-    p.tail = recent > 1 ? recent : 1;
+    p.tail = kernels::forced_tail(recent);
   }
   run_planned_attention(op, p, c.dtype, c.launch.params.D, q, c.launch.out, group ? lse.data_ptr<float>() : nullptr);
 

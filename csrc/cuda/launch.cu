@@ -44,8 +44,11 @@ int sm_count(int device) {
   return sms > 0 ? sms : 1;
 }
 
-// Index of a head dim in kHeadDims.
-int head_dim_slot(int64_t D) { return D == 32 ? 0 : D == 64 ? 1 : D == 96 ? 2 : D == 128 ? 3 : 4; }
+// Index of a (dtype, head dim of kHeadDims) pair: the cache slot of per-instance queries.
+constexpr int kDtypeDimSlots = 2 * 5;
+int dtype_dim_slot(DType dtype, int64_t D) {
+  return (dtype == DType::Half ? 0 : 5) + (D == 32 ? 0 : D == 64 ? 1 : D == 96 ? 2 : D == 128 ? 3 : 4);
+}
 
 // Whether both the device and the code the kernels run (the top-k kernel's PTX target stands for
 // all: one build) are sm_90+: clusters, bulk copies, 128-token tiles, early launch. Cached per device.
@@ -68,16 +71,14 @@ int tile_ctas_per_sm(DType dtype, int64_t D, bool sm90, bool digits) {
 // Resident CTAs the device holds: SMs x CTAs per SM of the tile kernel in the code the device runs
 // (cached per device, dtype, D).
 int64_t resident_ctas(DType dtype, int64_t D, int device) {
-  const int t = dtype == DType::Half ? 0 : 1;
-  return cached_per_device<2 * 5>(device, t * 5 + head_dim_slot(D), [&] {
+  return cached_per_device<kDtypeDimSlots>(device, dtype_dim_slot(dtype, D), [&] {
     return sm_count(device) * std::max(1, tile_ctas_per_sm(dtype, D, has_sm90(device), false));
   });
 }
 
 // Whether the tile kernel's digit counters cost no occupancy (cached per device, dtype, D).
 bool digits_keep_occupancy(DType dtype, int64_t D, int device) {
-  const int t = dtype == DType::Half ? 0 : 1;
-  return cached_per_device<2 * 5>(device, t * 5 + head_dim_slot(D), [&] {
+  return cached_per_device<kDtypeDimSlots>(device, dtype_dim_slot(dtype, D), [&] {
     const bool sm90 = has_sm90(device);
     return tile_ctas_per_sm(dtype, D, sm90, true) == tile_ctas_per_sm(dtype, D, sm90, false) ? 2 : 1;
   }) == 2;
@@ -85,8 +86,8 @@ bool digits_keep_occupancy(DType dtype, int64_t D, int device) {
 
 // The same for the gather kernel with R query rows (1, 2 or 4).
 int64_t gather_capacity(DType dtype, int64_t D, int R, int device) {
-  const int t = dtype == DType::Half ? 0 : 1, r = R == 1 ? 0 : R == 2 ? 1 : 2;
-  return cached_per_device<2 * 5 * 3>(device, (t * 5 + head_dim_slot(D)) * 3 + r, [&] {
+  const int r = R == 1 ? 0 : R == 2 ? 1 : 2;
+  return cached_per_device<kDtypeDimSlots * 3>(device, dtype_dim_slot(dtype, D) * 3 + r, [&] {
     return sm_count(device) * (dtype == DType::Half ? gather_ctas_per_sm_fp16(D, R) : gather_ctas_per_sm_bf16(D, R));
   });
 }

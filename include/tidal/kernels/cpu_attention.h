@@ -121,7 +121,7 @@ inline void select_row(const float* score, int64_t L, int64_t top_k, int64_t sin
   } else {
     // sink + max(recent, 1) <= top_k < L, so the forced ranges [0, sink) and [L - tail, L) are
     // disjoint and more candidates than free slots lie between them.
-    const int64_t tail = std::max<int64_t>(recent, 1);
+    const int64_t tail = forced_tail(recent);
     const int64_t free_slots = top_k - sink - tail;
     candidates.clear();
     for (int64_t t = sink; t < L - tail; ++t) candidates.push_back(static_cast<int32_t>(t));

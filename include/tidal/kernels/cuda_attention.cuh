@@ -663,7 +663,7 @@ __device__ __forceinline__ TopkRow topk_row(const TopkParams& p, int64_t b, int6
   TopkRow t;
   const int64_t G = p.Hq / p.Hsel;
   t.L = clamp_len(p.seq_lens, b, p.N);
-  const int64_t tail = p.recent > 1 ? p.recent : 1;
+  const int64_t tail = forced_tail(p.recent);
   t.c0 = p.sink;
   t.c1 = t.L - tail;
   t.free_slots = p.top_k - p.sink - tail;

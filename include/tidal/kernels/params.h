@@ -21,6 +21,10 @@ constexpr bool is_supported_head_dim(int64_t D) {
   return false;
 }
 
+// Positions at the end of a row every selection keeps: the `recent` last ones, and at least the
+// newest token. The candidates ranked by score are [sink, L - forced_tail(recent)).
+TIDAL_HOST_DEVICE constexpr int64_t forced_tail(int64_t recent) { return recent > 1 ? recent : 1; }
+
 constexpr int kTopkBins = 2048;  // top-k radix digits of 11, 11 and 10 bits
 // select (head mode): the tile kernel counts the top-k's first digits of up to kDigitRows query rows
 // a CTA in 16-bit shared-memory counters, so a CTA takes at most kDigitMaxCount positions.
@@ -112,7 +116,7 @@ struct AttnParams {
   float* scores = nullptr;  // [B, Hq, scores_ld]: scale * q.k of valid positions, -inf or unset past them (select only)
   int64_t scores_ld = 0;    // row pitch of scores: N rounded up to a multiple of 32 (128-byte lines)
   int* hist = nullptr;      // [B, Hq, kTopkBins], zeroed (select, head mode, digits_fit): first-digit counts
-  int64_t sink = 0, tail = 1;  // candidates of the top-k: positions [sink, L - tail) (select, head mode)
+  int64_t sink = 0, tail = 1;  // top-k candidates [sink, L - tail), tail = forced_tail(recent) (select, head mode)
   float* part_o = nullptr;  // [B, Hq * S, splits, D]
   float* part_ml = nullptr; // [B, Hq * S, splits, 2]: running max m and sum l
 
