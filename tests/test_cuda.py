@@ -87,6 +87,30 @@ def test_select_ties_across_top_k_chunks(mode, top_k):
                         rel_tol=1e-5, what="group ties")
 
 
+@pytest.mark.parametrize("in_bin", [3000, 6000], ids=["copied", "cluster-histograms"])
+def test_select_crowded_cut_bin(in_bin):
+    """Head mode with the cut inside a crowded first-digit bin full of ties: `in_bin` positions of a
+    row score in [0.25, 0.3125) (one bin, 32 distinct values) beside 1000 clear winners, spread over
+    the CTAs of the row's cluster. 3000 fit the top-k's copy of the cluster's cut-bin keys
+    (kTopkBinCap = 4096), which every CTA ranks on its own; 6000 do not, and the cluster ranks them
+    through its shared histograms. Exact indices, ties to the lowest positions, as in the reference."""
+    B, N, D, top_k, sink, recent = 2, 65536, 64, 2000, 3, 5  # D = 64: the scale 1/8 keeps scores exact
+    q = torch.zeros(B, 1, D)
+    q[..., 0] = 1.0
+    k = torch.zeros(B, 1, N, D)
+    k[..., 0] = -1.0
+    for b in range(B):
+        perm = torch.randperm(N)
+        k[b, 0, perm[:1000], 0] = 4.0
+        k[b, 0, perm[1000:1000 + in_bin], 0] = 2.0 + torch.randint(0, 32, (in_bin,)) / 64  # bf16-exact
+    q, k = q.to("cuda", torch.bfloat16), k.to("cuda", torch.bfloat16)
+    v = torch.randn(B, 1, N, D, device="cuda", dtype=torch.bfloat16)
+    sl = torch.tensor([N, N - 1000], dtype=torch.int32, device="cuda")
+    _, idx = tidal_ext.select_attention(q, k, v, sl, top_k, "head", sink, recent)
+    _, ref_idx = ref.select_attention(q, k, v, sl, top_k, "head", sink, recent)
+    assert torch.equal(idx.cpu(), ref_idx.cpu())
+
+
 @pytest.mark.parametrize("B,Hq,Hkv,D,K,mode", [
     (1, 32, 8, 128, 2048, "head"),   # 32 index rows: a few splits each, partials + merge kernel
     (1, 4, 1, 128, 3001, "group"),   # one index row: many splits, partials + merge kernel

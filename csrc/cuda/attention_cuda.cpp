@@ -83,18 +83,20 @@ Partials allocate_partials(kernels::AttnParams& p, int64_t slots, int64_t D, con
   return w;
 }
 
-// Allocates the split workspace of p (planned) and runs attention + merge into `out`.
-void run_planned_attention(const char* op, kernels::AttnParams& p, kc::DType dtype, int64_t D, const at::Tensor& q,
-                           at::Tensor& out, float* lse) {
-  const Partials partials = allocate_partials(p, p.B * p.Hq * p.S * p.splits, D, q);
-  check_launch(op, kc::launch_attention(p, dtype, D, out.data_ptr(), lse, current_stream(q)));
+// Allocates the split workspace of p (planned) and runs attention, then the merge into `out` where
+// given (else the caller queues the merge before it drops the returned workspace).
+Partials run_planned_attention(const char* op, kernels::AttnParams& p, kc::DType dtype, int64_t D,
+                               const at::Tensor& q, void* out, float* lse) {
+  Partials partials = allocate_partials(p, p.B * p.Hq * p.S * p.splits, D, q);
+  check_launch(op, kc::launch_attention(p, dtype, D, out, lse, current_stream(q)));
+  return partials;
 }
 
 // Plans the splits, then runs attention + merge into `out`.
 void run_attention(const char* op, kernels::AttnParams& p, kc::DType dtype, int64_t D, int64_t positions,
                    const at::Tensor& q, at::Tensor& out, float* lse) {
   kc::plan_splits(p, dtype, D, positions, q.get_device());
-  run_planned_attention(op, p, dtype, D, q, out, lse);
+  run_planned_attention(op, p, dtype, D, q, out.data_ptr(), lse);
 }
 
 // Shared start of decode/select/sparse: checks, device guard, params.
@@ -153,17 +155,20 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   at::Tensor lse = group ? at::empty({p.B, p.Hq}, f32) : at::Tensor();
   at::Tensor indices = at::empty({p.B, hsel, top_k}, q.options().dtype(at::kInt));
   p.scores = scores.data_ptr<float>();
-  kc::plan_splits(p, c.dtype, c.launch.params.D, p.N, q.get_device());
+  const int64_t D = c.launch.params.D;
+  kc::plan_splits(p, c.dtype, D, p.N, q.get_device());
   // Head mode: the attention pass counts the top-k's first digits where it can (group mode's keys
   // need the lse), and the top-k skips its first read of the scores.
   at::Tensor hist;
-  if (!group && kc::digits_fit(p, c.dtype, c.launch.params.D, q.get_device())) {
+  if (!group && kc::digits_fit(p, c.dtype, D, q.get_device())) {
     hist = at::zeros({p.B, p.Hq, kernels::kTopkBins}, q.options().dtype(at::kInt));
     p.hist = hist.data_ptr<int>();
     p.sink = sink;
     p.tail = kernels::forced_tail(recent);
   }
-  run_planned_attention(op, p, c.dtype, c.launch.params.D, q, c.launch.out, group ? lse.data_ptr<float>() : nullptr);
+  // Group mode merges before the top-k (its keys need the lse); head mode's merge runs beside it.
+  const Partials partials = run_planned_attention(op, p, c.dtype, D, q, group ? c.launch.out.data_ptr() : nullptr,
+                                                  group ? lse.data_ptr<float>() : nullptr);
 
   t.scores = scores.data_ptr<float>();
   t.lse = group ? lse.data_ptr<float>() : nullptr;
@@ -175,6 +180,8 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   t.sink = sink;
   t.recent = recent;
   check_launch(op, kc::launch_topk(t, current_stream(q)));
+  if (!group)
+    check_launch(op, kc::launch_merge_behind_topk(p, c.dtype, D, c.launch.out.data_ptr(), current_stream(q)));
   return {c.launch.out, indices};
 }
 

@@ -39,12 +39,14 @@ struct Launch {
   Launch& operator=(const Launch&) = delete;
 };
 
-// merge_splits_kernel over the B * Hq * S rows of p's partials into `out` (and lse, if given).
+// merge_splits_kernel over the B * Hq * S rows of p's partials into `out` (and lse, if given),
+// behind the kernel that wrote them or (behind_topk) behind select's top-k.
 template <typename T, int D>
-cudaError_t launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
+cudaError_t launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_t stream, bool behind_topk = false) {
   const Launch l(dim3(static_cast<unsigned>(p.B * p.Hq * p.S)), D, 0, stream, 1, p.sm90);
-  return cudaLaunchKernelEx(&l.config, merge_splits_kernel<T, D>, static_cast<const float*>(p.part_o),
-                            static_cast<const float*>(p.part_ml), p.splits, static_cast<T*>(out), lse);
+  return cudaLaunchKernelEx(&l.config, behind_topk ? merge_splits_kernel<T, D, true> : merge_splits_kernel<T, D, false>,
+                            static_cast<const float*>(p.part_o), static_cast<const float*>(p.part_ml), p.splits,
+                            static_cast<T*>(out), lse);
 }
 
 // The tile kernel's CTA in the code the device runs (sm90 = p.sm90: sm_90 code): its threads and
@@ -81,7 +83,7 @@ const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, c
                   static_cast<unsigned>(p.B));
   const Launch l(grid, cta.threads, p.hist != nullptr ? cta.smem_digits : cta.smem, stream, 1, false);
   cudaError_t err = cudaLaunchKernelEx(&l.config, attention_split_kernel<T, D>, p);
-  if (err == cudaSuccess) err = launch_merge<T, D>(p, out, lse, stream);
+  if (err == cudaSuccess && out != nullptr) err = launch_merge<T, D>(p, out, lse, stream);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -102,6 +104,14 @@ template <typename T>
 const char* launch_attention_for(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream) {
   if (!is_supported_head_dim(D)) return "unsupported head dim";
   return with_tile_instance(D, [&](auto d) { return launch_attention_typed<T, decltype(d)::value>(p, out, lse, stream); });
+}
+
+template <typename T>
+const char* launch_merge_behind_topk_for(const AttnParams& p, int64_t D, void* out, cudaStream_t stream) {
+  if (p.B * p.Hq * p.S == 0) return nullptr;
+  const cudaError_t err = with_tile_instance(
+      D, [&](auto d) { return launch_merge<T, decltype(d)::value>(p, out, nullptr, stream, true); });
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 // CTAs of the tile kernel an SM holds, in the code the device runs (sm90: sm_90 code), with or

@@ -10,6 +10,8 @@ namespace tidal::kernels::cuda {
 
 const char* launch_attention_bf16(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream);
 const char* launch_attention_fp16(const AttnParams& p, int64_t D, void* out, float* lse, cudaStream_t stream);
+const char* launch_merge_behind_topk_bf16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
+const char* launch_merge_behind_topk_fp16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
 int ctas_per_sm_bf16(int64_t D, bool sm90, bool digits);
 int ctas_per_sm_fp16(int64_t D, bool sm90, bool digits);
 const char* launch_gather_bf16(const AttnParams& p, int64_t D, void* out, cudaStream_t stream);
@@ -147,6 +149,12 @@ bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device) {
 const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* out, float* lse, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   return dtype == DType::Half ? launch_attention_fp16(p, D, out, lse, s) : launch_attention_bf16(p, D, out, lse, s);
+}
+
+const char* launch_merge_behind_topk(const AttnParams& p, DType dtype, int64_t D, void* out, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  return dtype == DType::Half ? launch_merge_behind_topk_fp16(p, D, out, s)
+                              : launch_merge_behind_topk_bf16(p, D, out, s);
 }
 
 bool gather_takes(int64_t D, int64_t rows_per_group) {

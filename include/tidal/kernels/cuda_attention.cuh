@@ -169,8 +169,9 @@ __device__ __forceinline__ uint32_t first_digit(uint32_t key) { return key >> 21
 
 // Programmatic dependent launch (sm_90): a kernel may start while the previous kernel of the stream
 // finishes, so its launch latency and set-up overlap that kernel's tail. Every kernel here waits for
-// the previous one's results before its first global read, and lets the next one start once its
-// main loop is done; both are no-ops without the launch attribute or below sm_90. The launchers ask
+// the previous one's results before its first global read (select's head-mode merge, behind the
+// top-k, at its end: see merge_splits_kernel), and lets the next one start once its main loop is
+// done; both are no-ops without the launch attribute or below sm_90. The launchers ask
 // for it where a kernel follows another of the same op (merge_splits, top-k): on an H100 that took
 // 1-2 us off decode and select; launching each op's first kernel early as well lost 1-3% on the
 // 32-layer step.
@@ -585,13 +586,23 @@ __device__ __forceinline__ float block_reduce(float x, float* scratch) {
 // threads a row: the split weights once, then each thread one output dim. The first kPreload
 // splits' partials load before the weights are known, so the loads' latency overlaps the two block
 // reductions (the kernel is a chain of a few dependent loads: its latency is its time).
-template <typename T, int D>
+//
+// kBehindTopk: the kernel follows select's top-k (head mode), which lets it start once every top-k
+// CTA has waited for the attention pass: so the partials are complete when it starts, it reads
+// them past L1 (no stale line of an earlier kernel), and it runs beside the top-k instead of
+// before it. It waits for the top-k only at its end, so that the stream's next kernel still
+// starts after both.
+template <bool kBehindTopk>
+__device__ __forceinline__ float load_partial(const float* p) {
+  return kBehindTopk ? __ldcg(p) : *p;
+}
+template <typename T, int D, bool kBehindTopk>
 __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, const float* part_ml, int splits,
                                                           T* out, float* lse) {
   constexpr int kPreload = 16;
   __shared__ float w[kMaxSplits];
   __shared__ float scratch[D / 32];
-  wait_for_previous_kernel();
+  if (!kBehindTopk) wait_for_previous_kernel();
   let_next_kernel_start();
   const int64_t row = blockIdx.x;
   const int d = threadIdx.x;
@@ -599,15 +610,15 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
   const float* o = part_o + row * splits * D + d;
   float early[kPreload];
 #pragma unroll
-  for (int s = 0; s < kPreload; ++s) early[s] = s < splits ? o[s * D] : 0.f;
+  for (int s = 0; s < kPreload; ++s) early[s] = s < splits ? load_partial<kBehindTopk>(o + s * D) : 0.f;
   float m = kNegInf;
-  for (int s = d; s < splits; s += D) m = fmaxf(m, ml[2 * s]);
+  for (int s = d; s < splits; s += D) m = fmaxf(m, load_partial<kBehindTopk>(ml + 2 * s));
   const float M = block_reduce<D, true>(m, scratch);
   float l = 0.f;
   for (int s = d; s < splits; s += D) {
-    const float f = state_weight(ml[2 * s], M);
+    const float f = state_weight(load_partial<kBehindTopk>(ml + 2 * s), M);
     w[s] = f;
-    l += f * ml[2 * s + 1];
+    l += f * load_partial<kBehindTopk>(ml + 2 * s + 1);
   }
   const float Lsum = block_reduce<D, false>(l, scratch);  // its barrier also publishes w
   float acc = 0.f;
@@ -615,9 +626,10 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
   for (int s = 0; s < kPreload; ++s)
     if (s < splits) acc += w[s] * early[s];
 #pragma unroll 8
-  for (int s = kPreload; s < splits; ++s) acc += w[s] * o[int64_t(s) * D];
+  for (int s = kPreload; s < splits; ++s) acc += w[s] * load_partial<kBehindTopk>(o + int64_t(s) * D);
   out[row * D + d] = Mma<T>::from_float(acc * inv_row_sum(Lsum));
   if (lse != nullptr && d == 0) lse[row] = Lsum > 0.f ? M + logf(Lsum) : (Lsum == 0.f ? kNegInf : Lsum);
+  if (kBehindTopk) wait_for_previous_kernel();
 }
 
 // ---- top-k selection -------------------------------------------------------------------------
@@ -627,17 +639,32 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
 // their top 11 bits (head mode, where p.hist is given: the attention pass counted them, and pass A
 // only loads that histogram); the CTAs sum the cluster's histograms through distributed shared
 // memory, so each knows the bin of the cut key. A second read lists, in position order, the chunk's
-// keys at or above that bin (every possible winner, usually a few hundred) in shared memory; two
-// more radix passes (11 and 10 bits) over the list give the exact cut key; each CTA counts its
-// winners, takes its offset from the lower chunks' counts and writes them in position order, so
-// rows come out sorted. A chunk whose list would overflow re-reads its keys instead. Without clusters (sm_80),
-// p.cluster is 1 and the "cluster" calls are the CTA's own.
+// keys at or above that bin (every possible winner, usually a few hundred) in shared memory. Every
+// CTA then copies the cluster's keys in the cut bin (a few thousand at most, usually) and ranks them
+// on its own with two more radix passes (11 and 10 bits), which give the exact cut key and the
+// lower chunks' winner counts; it writes its winners at its offset in position order, so rows come
+// out sorted. Where a list or the cut-bin copy would overflow, the passes run through the cluster's
+// histograms instead, over the list or the re-read keys. Without clusters (sm_80), p.cluster is 1
+// and the "cluster" calls are the CTA's own.
 
 __device__ __forceinline__ void cluster_barrier() {
 #if TIDAL_SM90
   asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 #else
   __syncthreads();
+#endif
+}
+// The two halves of a cluster barrier, for a CTA that is done with its peers' shared memory well
+// before it ends: it arrives then, and waits (so that no peer still reads its own) just before it
+// exits. Every thread calls both, the same number of times. No-ops without clusters.
+__device__ __forceinline__ void cluster_arrive() {
+#if TIDAL_SM90
+  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void cluster_wait() {
+#if TIDAL_SM90
+  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
 #endif
 }
 
@@ -744,8 +771,10 @@ __device__ __forceinline__ void topk_drop_chunk(const TopkParams& p, float* row0
 }
 
 // Shared memory of the top-k kernel beyond its static part: two histograms (radix passes alternate
-// between them, so a pass never clears one a peer may still be reading) and the candidate list.
-constexpr size_t kTopkSmemBytes = 2 * kTopkBins * sizeof(int) + kTopkListCap * sizeof(uint2);
+// between them, so a pass never clears one a peer may still be reading), the candidate list and
+// the cluster's cut-bin keys.
+constexpr size_t kTopkSmemBytes =
+    2 * kTopkBins * sizeof(int) + kTopkListCap * sizeof(uint2) + kTopkBinCap * sizeof(uint32_t);
 
 // Adds 1 to bin `bin` for every active lane; lanes of a warp with the same bin add once together
 // (score keys crowd into a few bins, and same-address shared atomics serialize). Whole warps call it.
@@ -802,13 +831,16 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   } tmp;
   __shared__ int sh_digit, sh_above;
   __shared__ int sh_counts[2];  // this chunk's candidates above / equal to the cut (peers read them)
+  __shared__ int sh_bin[2];     // this chunk's listed keys in / above pass A's cut bin (peers read them)
   extern __shared__ __align__(16) unsigned char topk_smem[];
   int* hist = reinterpret_cast<int*>(topk_smem);               // [2][kTopkBins]
   uint2* list = reinterpret_cast<uint2*>(hist + 2 * kTopkBins);  // [kTopkListCap] (key, position)
+  uint32_t* cluster_bin = reinterpret_cast<uint32_t*>(list + kTopkListCap);  // [kTopkBinCap]
 #if !TIDAL_SM90
   if (p.cluster != 1) __trap();  // the host asks for clusters only where the code has them
 #endif
   wait_for_previous_kernel();
+  let_next_kernel_start();  // head mode's merge runs beside this kernel (merge_splits_kernel)
 
   // Grid: x = selection head x cluster rank (clusters are consecutive x), y = batch row.
   const unsigned cs = static_cast<unsigned>(p.cluster), rank = blockIdx.x % cs;
@@ -907,19 +939,30 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   const int wv0 = v0 + warp * per_warp, wv1 = min(v1, wv0 + per_warp);
   int seg = 0;  // this warp's entries (may pass kSegment: overflow)
   {
-    const uint32_t floor_key = prefix;  // the cut bin's lowest key
+    // The hot loop, issue-bound: one compare per position. Head mode compares the raw scores with the
+    // cut bin's lowest score (-inf or +inf where the bin lies past them: NaN is listed either way,
+    // +inf extra where the cut is among NaNs, which later passes rank below it) and lists raw
+    // scores, turned into keys when the list is packed; group mode's row holds keys. A position
+    // counts where it lies in this warp's share of [lo, hi): one unsigned compare.
+    const uint32_t floor_key = prefix;
+    const float floor_score =
+        floor_key <= 0x007fffffu   ? kNegInf
+        : floor_key >= 0xff800000u ? -kNegInf
+                                   : __uint_as_float(floor_key & 0x80000000u ? floor_key & 0x7fffffffu : ~floor_key);
+    const int wlo = max(lo, 4 * wv0), span = max(min(hi, 4 * wv1) - wlo, 0);
     uint2* mine = list + warp * kSegment;
     uint4 next = topk_raw4(row.row0, wv0 + lane, wv1);
     for (int vb = wv0; vb < wv1; vb += 32) {
       const int v = vb + lane;
       const uint4 raw = next;  // the next round's bytes load while this one is listed
       next = topk_raw4(row.row0, vb + 32 + lane, wv1);
-      const uint4 k = topk_keys_of(raw, group);
       bool take[4];
       int n = 0;
+#pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int t = 4 * v + e;
-        take[e] = v < wv1 && t >= lo && t < hi && key_at(k, e) >= floor_key;
+        const uint32_t bits = key_at(raw, e);
+        take[e] = static_cast<unsigned>(4 * v + e - wlo) < static_cast<unsigned>(span) &&
+                  (group ? bits >= floor_key : !(__uint_as_float(bits) < floor_score));
         n += take[e] ? 1 : 0;
       }
       int incl = n;  // inclusive scan over the warp's lanes
@@ -928,9 +971,10 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
         if (lane >= d) incl += y;
       }
       int at = seg + incl - n;
+#pragma unroll
       for (int e = 0; e < 4; ++e)
         if (take[e]) {
-          if (at < kSegment) mine[at] = make_uint2(key_at(k, e), static_cast<uint32_t>(4 * v + e));
+          if (at < kSegment) mine[at] = make_uint2(key_at(raw, e), static_cast<uint32_t>(4 * v + e));
           ++at;
         }
       seg += __shfl_sync(0xffffffffu, incl, 31);
@@ -938,6 +982,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   }
   __shared__ int sh_seg[kWarpsT];
   if (lane == 0) sh_seg[warp] = seg;
+  if (tid == 0) sh_bin[0] = sh_bin[1] = 0;
   __syncthreads();
   int listed = 0, my_offset = 0;
   bool overflow = false;
@@ -953,6 +998,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     for (int i = 0; i < kSegment / 32; ++i) {
       const int at = lane + 32 * i;
       staged[i] = at < seg ? list[warp * kSegment + at] : make_uint2(0, 0);
+      if (!group) staged[i].x = rank_key(__uint_as_float(staged[i].x));  // head mode listed raw scores
     }
   __syncthreads();
   if (!overflow)
@@ -964,67 +1010,156 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   const bool use_list = !overflow;  // else (rare: many ties, a huge budget) re-scan the keys
   if (use_list) topk_drop_chunk(p, row.row0, rank);  // the chunk's last read is done
 
-  // Passes B and C (10 and 11 more bits) over the listed keys matching the prefix.
-  for (int pass = 1; pass < 3; ++pass) {
-    const int shift = pass == 1 ? 10 : 0;
-    const uint32_t digit_mask = pass == 1 ? 0x7ffu : 0x3ffu;
-    int* h = hist + (pass & 1) * kTopkBins;
-    if (pass == 2) {  // peers finished reading pass A's histogram before the last cluster barrier
-      for (int i = tid; i < kTopkBins; i += kBlock) h[i] = 0;
+  // The usual case: each CTA gathers its listed keys in the cut bin (`bin_keys`, over the second
+  // histogram) and counts its keys above the bin. After one cluster barrier every CTA copies the
+  // cluster's cut-bin keys (`cluster_bin`, in chunk order) and, done with its peers, ranks them on
+  // its own (passes B and C) and counts the lower chunks' winners from them: one cluster barrier
+  // where passes B and C through the shared histograms and the count exchange take three. Where a
+  // chunk's list or the cluster's cut-bin keys overflow, the whole cluster goes that way instead.
+  uint32_t* bin_keys = reinterpret_cast<uint32_t*>(hist + kTopkBins);  // [kTopkBins]
+  __shared__ int sh_peer[2][kMaxCluster];  // each chunk's listed keys in / above the cut bin
+  int n_bin = 0, lower_bin = 0, lower_above = 0;  // the cluster's cut-bin keys; the lower chunks'
+  bool gathered = false;
+  if (!group) {  // group mode's keys are log-probabilities: their cut bin is wide, it rarely fits
+    if (!use_list && tid == 0) sh_bin[0] = kTopkBinCap + 1;
+    if (use_list)
+      for (int base = 0; base < listed; base += kBlock) {  // whole warps: listed is the block's
+        const int i = base + tid;
+        const uint32_t key = i < listed ? list[i].x : 0u;
+        const unsigned in = __ballot_sync(0xffffffffu, i < listed && (key & mask) == prefix);
+        const unsigned above = __ballot_sync(0xffffffffu, i < listed && (key & mask) > prefix);
+        int at = 0;
+        if (lane == 0 && in != 0) at = atomicAdd(&sh_bin[0], __popc(in));
+        if (lane == 0 && above != 0) atomicAdd(&sh_bin[1], __popc(above));
+        at = __shfl_sync(0xffffffffu, at, 0) + __popc(in & ((1u << lane) - 1));
+        if (((in >> lane) & 1) && at < kTopkBins) bin_keys[at] = key;
+      }
+    cluster_barrier();  // every chunk's cut-bin keys and counts are in place
+    if (tid < static_cast<int>(cs)) {
+      const int* c = cluster_peer(sh_bin, tid);
+      sh_peer[0][tid] = c[0] <= kTopkBins ? c[0] : kTopkBinCap + 1;  // an overflow spoils the sum
+      sh_peer[1][tid] = c[1];
+    }
+    __syncthreads();
+    for (unsigned q = 0; q < cs; ++q) {
+      if (q == rank) lower_bin = n_bin;
+      if (q < rank) lower_above += sh_peer[1][q];
+      n_bin += sh_peer[0][q];
+    }
+    gathered = n_bin <= kTopkBinCap;
+    if (!gathered) {  // the passes below count into the second histogram
+      for (int i = tid; i < kTopkBins; i += kBlock) bin_keys[i] = 0;
       __syncthreads();
     }
+  }
+
+  int64_t written = p.sink, eq_seen = 0;  // this chunk's first output slot; lower chunks' cut keys
+  if (gathered) {
+    // Copy the cluster's cut-bin keys, kCopy loads in flight a thread, then arrive: no further read
+    // of a peer's shared memory.
+    constexpr int kCopy = 4;
+    for (int base = 0; base < n_bin; base += kCopy * kBlock) {
+      uint32_t k[kCopy];
+#pragma unroll
+      for (int u = 0; u < kCopy; ++u) {
+        int j = base + u * kBlock + tid;  // the j-th key of chunk q
+        unsigned q = 0;
+        while (q + 1 < cs && j >= sh_peer[0][q]) j -= sh_peer[0][q++];
+        k[u] = base + u * kBlock + tid < n_bin ? cluster_peer(bin_keys, q)[j] : 0u;
+      }
+#pragma unroll
+      for (int u = 0; u < kCopy; ++u)
+        if (base + u * kBlock + tid < n_bin) cluster_bin[base + u * kBlock + tid] = k[u];
+    }
+    cluster_arrive();
+    // Passes B and C in this CTA's first histogram (peers read it at pass A, before the barrier).
+    for (int pass = 1; pass < 3; ++pass) {
+      const int shift = pass == 1 ? 10 : 0;
+      const uint32_t digit_mask = pass == 1 ? 0x7ffu : 0x3ffu;
+      for (int i = tid; i < kTopkBins; i += kBlock) hist[i] = 0;
+      __syncthreads();
+      for (int i = tid; i < n_bin; i += kBlock) {
+        const uint32_t key = cluster_bin[i];
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1);
+      }
+      choose_digit(hist, shift, digit_mask, 1);
+    }
+    // The lower chunks' winners: their keys above the bin, and their cut-bin keys above / at the
+    // cut, the at-cut ones taken in chunk order while the tie budget `want` lasts. Counts < 2^16
+    // (<= kTopkBinCap): above the cut in the high half-word, at it in the low.
+    int packed = 0;
+    for (int i = tid; i < lower_bin; i += kBlock)
+      packed += cluster_bin[i] > prefix ? 0x10000 : (cluster_bin[i] == prefix ? 1 : 0);
+    packed = Reduce(tmp.reduce).Sum(packed);
+    if (tid == 0) sh_digit = packed;
+    __syncthreads();
+    packed = sh_digit;
+    eq_seen = packed & 0xffff;
+    written += lower_above + (packed >> 16) + min64(eq_seen, want);
+  } else {
+    // Passes B and C (11 and 10 more bits) through the cluster's histograms, over the listed keys
+    // matching the prefix (or all keys again, where the list overflowed).
+    for (int pass = 1; pass < 3; ++pass) {
+      const int shift = pass == 1 ? 10 : 0;
+      const uint32_t digit_mask = pass == 1 ? 0x7ffu : 0x3ffu;
+      int* h = hist + (pass & 1) * kTopkBins;
+      if (pass == 2) {  // peers finished reading pass A's histogram before the last cluster barrier
+        for (int i = tid; i < kTopkBins; i += kBlock) h[i] = 0;
+        __syncthreads();
+      }
+      if (use_list) {
+        for (int i = tid; i < listed; i += kBlock)
+          if ((list[i].x & mask) == prefix) atomicAdd(&h[(list[i].x >> shift) & digit_mask], 1);
+      } else {
+        for (int vb = v0; vb < v1; vb += kBlock) {
+          const int v = vb + tid;
+          const uint4 k = v < v1 ? topk_keys4(row.row0, group, v) : make_uint4(0, 0, 0, 0);
+          for (int e = 0; e < 4; ++e) {
+            const int t = 4 * v + e;
+            const uint32_t key = key_at(k, e);
+            warp_histogram_add(h, v < v1 && t >= lo && t < hi && (key & mask) == prefix,
+                               (key >> shift) & digit_mask);
+          }
+        }
+      }
+      choose_digit(h, shift, digit_mask, cs);
+    }
+    // This chunk's winners above and at the cut, then its offset from the lower chunks' counts.
+    const uint32_t cut = prefix;
+    int n_gt = 0, n_eq = 0;
     if (use_list) {
-      for (int i = tid; i < listed; i += kBlock)
-        if ((list[i].x & mask) == prefix) atomicAdd(&h[(list[i].x >> shift) & digit_mask], 1);
+      for (int i = tid; i < listed; i += kBlock) {
+        n_gt += list[i].x > cut ? 1 : 0;
+        n_eq += list[i].x == cut ? 1 : 0;
+      }
     } else {
-      for (int vb = v0; vb < v1; vb += kBlock) {
-        const int v = vb + tid;
-        const uint4 k = v < v1 ? topk_keys4(row.row0, group, v) : make_uint4(0, 0, 0, 0);
+      for (int v = v0 + tid; v < v1; v += kBlock) {
+        const uint4 k = topk_keys4(row.row0, group, v);
         for (int e = 0; e < 4; ++e) {
           const int t = 4 * v + e;
-          const uint32_t key = key_at(k, e);
-          warp_histogram_add(h, v < v1 && t >= lo && t < hi && (key & mask) == prefix, (key >> shift) & digit_mask);
+          n_gt += (t >= lo && t < hi && key_at(k, e) > cut) ? 1 : 0;
+          n_eq += (t >= lo && t < hi && key_at(k, e) == cut) ? 1 : 0;
         }
       }
     }
-    choose_digit(h, shift, digit_mask, cs);
+    const int gt_total = Reduce(tmp.reduce).Sum(n_gt);
+    __syncthreads();
+    const int eq_total = Reduce(tmp.reduce).Sum(n_eq);
+    if (tid == 0) {
+      sh_counts[0] = gt_total;
+      sh_counts[1] = eq_total;
+    }
+    cluster_barrier();
+    for (unsigned q = 0; q < rank; ++q) {
+      const int* c = cluster_peer(sh_counts, q);
+      const int64_t gt = c[0], eq = c[1];
+      written += gt + min64(eq, want - eq_seen > 0 ? want - eq_seen : 0);
+      eq_seen += eq;
+    }
+    cluster_arrive();  // no peer reads this CTA's shared memory after this
   }
   const uint32_t cut = prefix;
   const int64_t take_eq = want;  // keys equal to the cut to take, lowest positions first
-
-  // This chunk's winners above and at the cut, then its offset from the lower chunks' counts.
-  int n_gt = 0, n_eq = 0;
-  if (use_list) {
-    for (int i = tid; i < listed; i += kBlock) {
-      n_gt += list[i].x > cut ? 1 : 0;
-      n_eq += list[i].x == cut ? 1 : 0;
-    }
-  } else {
-    for (int v = v0 + tid; v < v1; v += kBlock) {
-      const uint4 k = topk_keys4(row.row0, group, v);
-      for (int e = 0; e < 4; ++e) {
-        const int t = 4 * v + e;
-        n_gt += (t >= lo && t < hi && key_at(k, e) > cut) ? 1 : 0;
-        n_eq += (t >= lo && t < hi && key_at(k, e) == cut) ? 1 : 0;
-      }
-    }
-  }
-  const int gt_total = Reduce(tmp.reduce).Sum(n_gt);
-  __syncthreads();
-  const int eq_total = Reduce(tmp.reduce).Sum(n_eq);
-  if (tid == 0) {
-    sh_counts[0] = gt_total;
-    sh_counts[1] = eq_total;
-  }
-  cluster_barrier();
-  int64_t written = p.sink, eq_seen = 0;
-  for (unsigned q = 0; q < rank; ++q) {
-    const int* c = cluster_peer(sh_counts, q);
-    const int64_t gt = c[0], eq = c[1];
-    written += gt + min64(eq, take_eq - eq_seen > 0 ? take_eq - eq_seen : 0);
-    eq_seen += eq;
-  }
-  cluster_barrier();  // no peer reads this CTA's shared memory after this: it may finish
 
   // The ordered write, kItems entries (list) or positions (re-scan) per thread and round.
   constexpr int kItems = 4;
@@ -1063,6 +1198,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     __syncthreads();  // every thread's last read of the chunk (the re-scan) is done
     topk_drop_chunk(p, row.row0, rank);
   }
+  cluster_wait();  // the peers are done with this CTA's shared memory
 }
 
 // correct_kv_attention's first step: copies the S new K/V rows of (b, kv head) into the caches at

@@ -23,7 +23,11 @@ bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device);
 
 // Attention (with p.part_o / p.part_ml allocated for p.splits) then the merge into `out`
 // (contiguous [B, Hq, S, D] of dtype); lse (optional, [B * Hq * S] fp32) receives each row's logsumexp.
+// out == nullptr: no merge (select's head mode merges behind its top-k).
 const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* out, float* lse, void* stream);
+// Select, head mode: the merge of launch_attention's partials into `out`, launched right after the
+// top-k, with which it overlaps.
+const char* launch_merge_behind_topk(const AttnParams& p, DType dtype, int64_t D, void* out, void* stream);
 
 // sparse_attention's gather kernel takes head dims 32, 64, 128, 256 and up to 4 query rows per index
 // row (head mode, or group mode with G <= 4); launch_attention's tile kernel takes the rest.
