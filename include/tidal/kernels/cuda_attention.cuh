@@ -1010,12 +1010,13 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   const bool use_list = !overflow;  // else (rare: many ties, a huge budget) re-scan the keys
   if (use_list) topk_drop_chunk(p, row.row0, rank);  // the chunk's last read is done
 
-  // The usual case: each CTA gathers its listed keys in the cut bin (`bin_keys`, over the second
-  // histogram) and counts its keys above the bin. After one cluster barrier every CTA copies the
-  // cluster's cut-bin keys (`cluster_bin`, in chunk order) and, done with its peers, ranks them on
-  // its own (passes B and C) and counts the lower chunks' winners from them: one cluster barrier
+  // Head mode's usual case: each CTA gathers its listed keys in the cut bin (`bin_keys`, over the
+  // second histogram) and counts its keys above the bin. After one cluster barrier every CTA copies
+  // the cluster's cut-bin keys (`cluster_bin`, in chunk order) and, done with its peers, ranks them
+  // on its own (passes B and C) and counts the lower chunks' winners from them: one cluster barrier
   // where passes B and C through the shared histograms and the count exchange take three. Where a
-  // chunk's list or the cluster's cut-bin keys overflow, the whole cluster goes that way instead.
+  // chunk's list or the cluster's cut-bin keys overflow (and in group mode), the whole cluster goes
+  // that way instead.
   uint32_t* bin_keys = reinterpret_cast<uint32_t*>(hist + kTopkBins);  // [kTopkBins]
   __shared__ int sh_peer[2][kMaxCluster];  // each chunk's listed keys in / above the cut bin
   int n_bin = 0, lower_bin = 0, lower_above = 0;  // the cluster's cut-bin keys; the lower chunks'
