@@ -647,13 +647,6 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
 // histograms instead, over the list or the re-read keys. Without clusters (sm_80), p.cluster is 1
 // and the "cluster" calls are the CTA's own.
 
-__device__ __forceinline__ void cluster_barrier() {
-#if TIDAL_SM90
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#else
-  __syncthreads();
-#endif
-}
 // The two halves of a cluster barrier, for a CTA that is done with its peers' shared memory well
 // before it ends: it arrives then, and waits (so that no peer still reads its own) just before it
 // exits. Every thread calls both, the same number of times. No-ops without clusters.
@@ -665,6 +658,15 @@ __device__ __forceinline__ void cluster_arrive() {
 __device__ __forceinline__ void cluster_wait() {
 #if TIDAL_SM90
   asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
+#endif
+}
+// Both halves at once; without clusters, the CTA's own barrier.
+__device__ __forceinline__ void cluster_barrier() {
+#if TIDAL_SM90
+  cluster_arrive();
+  cluster_wait();
+#else
+  __syncthreads();
 #endif
 }
 
@@ -1125,21 +1127,21 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
       }
       choose_digit(h, shift, digit_mask, cs);
     }
-    // This chunk's winners above and at the cut, then its offset from the lower chunks' counts.
-    const uint32_t cut = prefix;
+    // This chunk's winners above and at the cut (prefix, now whole), then its offset from the lower
+    // chunks' counts.
     int n_gt = 0, n_eq = 0;
     if (use_list) {
       for (int i = tid; i < listed; i += kBlock) {
-        n_gt += list[i].x > cut ? 1 : 0;
-        n_eq += list[i].x == cut ? 1 : 0;
+        n_gt += list[i].x > prefix ? 1 : 0;
+        n_eq += list[i].x == prefix ? 1 : 0;
       }
     } else {
       for (int v = v0 + tid; v < v1; v += kBlock) {
         const uint4 k = topk_keys4(row.row0, group, v);
         for (int e = 0; e < 4; ++e) {
           const int t = 4 * v + e;
-          n_gt += (t >= lo && t < hi && key_at(k, e) > cut) ? 1 : 0;
-          n_eq += (t >= lo && t < hi && key_at(k, e) == cut) ? 1 : 0;
+          n_gt += (t >= lo && t < hi && key_at(k, e) > prefix) ? 1 : 0;
+          n_eq += (t >= lo && t < hi && key_at(k, e) == prefix) ? 1 : 0;
         }
       }
     }
