@@ -20,14 +20,7 @@
 #include <random>
 #include <vector>
 
-#define CHECK(x)                                                                           \
-  do {                                                                                     \
-    cudaError_t e_ = (x);                                                                  \
-    if (e_ != cudaSuccess) {                                                               \
-      fprintf(stderr, "%s:%d %s: %s\n", __FILE__, __LINE__, #x, cudaGetErrorString(e_)); \
-      exit(1);                                                                             \
-    }                                                                                      \
-  } while (0)
+#include "cuda_check.h"
 
 constexpr int kHkv = 8, kD = 128, kRowBytes = kD * 2, kLanesPerRow = kRowBytes / 16;
 

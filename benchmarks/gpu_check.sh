@@ -5,7 +5,8 @@
 # the C++ examples + app benchmark and the SmolLM2 accuracy evaluation (further calls on the warm
 # machine, the build kept: STAGES="fuzz app", then STAGES=accuracy). Logs and JSON go under $OUT; a
 # short summary is printed last.
-#   bench     benchmarks/gather_floor.cu (the practical floor of random-row reads), bench_ops.py
+#   bench     benchmarks/gather_floor.cu (the practical floor of random-row reads), stream_floor.cu (of
+#             the tile kernel's loads), bench_ops.py
 #   fuzz      tests/fuzz.py, 8 processes, FUZZ_CASES (10000) within FUZZ_SECONDS (400)
 #   app       the C++ examples built against the installed package, then the C++ decode app benchmark
 #   accuracy  benchmarks/eval_accuracy.py on SmolLM2. The GGUF file is larger than one call may
@@ -106,6 +107,11 @@ if has bench; then
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/gather_floor benchmarks/gather_floor.cu &&
     /tmp/gather_floor 131072 2048 >"$OUT/gather_floor.json" 2>"$OUT/gather_floor.log"
   summary+=("$(tail -1 "$OUT/gather_floor.log")")
+  # How fast the tile kernel's loads stream a cache when loading is all a kernel does, row by row
+  # and by whole-tile tensor copies, beside a plain read stream (decode reads faster than a copy).
+  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/stream_floor benchmarks/stream_floor.cu &&
+    /tmp/stream_floor >"$OUT/stream_floor.json" 2>"$OUT/stream_floor.log"
+  summary+=("$(tail -1 "$OUT/stream_floor.log")")
   "$PY" benchmarks/bench_ops.py --out "$OUT/ops.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -70
 fi
 

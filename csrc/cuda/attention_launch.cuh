@@ -2,7 +2,11 @@
 // .cu file per dtype so the two compile in parallel.
 #pragma once
 
+#include <cuda.h>
+#include <cudaTypedefs.h>
 #include <cuda_runtime.h>
+
+#include <type_traits>
 
 #include "tidal/kernels/cuda_attention.cuh"
 #include "tidal/kernels/cuda_sparse.cuh"
@@ -50,19 +54,20 @@ cudaError_t launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_
 }
 
 // The tile kernel's CTA in the code the device runs (sm90 = p.sm90: sm_90 code): its threads and
-// dynamic shared memory, without and with select's digit counters.
-template <typename T, int D>
+// dynamic shared memory, without and with select's digit counters. kTensorCopies: the instance that
+// loads its tiles by tensor copies (sm_90 only).
+template <typename T, int D, bool kTensorCopies = false>
 struct TileCta {
   int threads;
   size_t smem, smem_digits;
   explicit TileCta(bool sm90)
       : threads(tile_threads(D, sm90)),
-        smem(sm90 ? AttnSmem<T, D, true>::kBytes : AttnSmem<T, D, false>::kBytes),
+        smem(sm90 ? AttnSmem<T, D, true, kTensorCopies>::kBytes : AttnSmem<T, D, false>::kBytes),
         smem_digits(smem + AttnSmem<T, D, true>::kDigitBytes) {}
   // Raises the kernel's shared-memory limit on the current device: to smem_digits where the device
   // allows, else to smem.
   cudaError_t allow() const {
-    const auto kernel = attention_split_kernel<T, D>;
+    const auto kernel = attention_split_kernel<T, D, kTensorCopies>;
     if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem_digits)) ==
         cudaSuccess)
       return cudaSuccess;
@@ -71,18 +76,76 @@ struct TileCta {
   }
 };
 
-template <typename T, int D>
-const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
-  const TileCta<T, D> cta(p.sm90);
+// cuTensorMapEncodeTiled, from the driver the runtime loaded (no link against libcuda); nullptr where
+// the driver lacks it.
+inline PFN_cuTensorMapEncodeTiled_v12000 tensor_map_encoder() {
+  static const auto encode = [] {
+    void* fn = nullptr;
+    cudaDriverEntryPointQueryResult found;
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &fn, 12000, cudaEnableDefault, &found) !=
+            cudaSuccess ||
+        found != cudaDriverEntryPointSuccess)
+      fn = nullptr;
+    cudaGetLastError();
+    return reinterpret_cast<PFN_cuTensorMapEncodeTiled_v12000>(fn);
+  }();
+  return encode;
+}
+
+// The K and V caches of p as tensor maps for the tile kernel's tensor copies (boxes of 64 dims by
+// `rows` positions, 128-byte swizzle, zeros past N). False where the driver refuses the layout (the
+// launcher has checked that rows are 16-byte aligned): the kernel then copies row by row.
+template <typename T>
+bool encode_kv_maps(const AttnParams& p, int64_t D, int rows, KvMaps& maps) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return false;
+  const auto one = [&](const void* base, int64_t stride_n, int64_t stride_h, int64_t stride_b, TensorMap& map) {
+    // A size-1 dim's stride is never stepped over; torch may report any value for it.
+    if (p.Hkv == 1) stride_h = p.N * stride_n;
+    if (p.B == 1) stride_b = p.Hkv * stride_h;
+    const cuuint64_t dims[4] = {static_cast<cuuint64_t>(D), static_cast<cuuint64_t>(p.N),
+                                static_cast<cuuint64_t>(p.Hkv), static_cast<cuuint64_t>(p.B)};
+    const cuuint64_t strides[3] = {stride_n * sizeof(T), stride_h * sizeof(T), stride_b * sizeof(T)};
+    const cuuint32_t box[4] = {64, static_cast<cuuint32_t>(rows), 1, 1}, steps[4] = {1, 1, 1, 1};
+    const auto type = std::is_same_v<T, __half> ? CU_TENSOR_MAP_DATA_TYPE_FLOAT16 : CU_TENSOR_MAP_DATA_TYPE_BFLOAT16;
+    return encode(reinterpret_cast<CUtensorMap*>(&map), type, 4, const_cast<void*>(base), dims, strides, box, steps,
+                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                  CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE) == CUDA_SUCCESS;
+  };
+  return one(p.k, p.k_stride_n, p.k_stride_h, p.k_stride_b, maps.k) &&
+         one(p.v, p.v_stride_n, p.v_stride_h, p.v_stride_b, maps.v);
+}
+
+// The tile kernel's instance kTensorCopies over p's grid.
+template <typename T, int D, bool kTensorCopies>
+cudaError_t launch_tile(const AttnParams& p, const KvMaps& maps, cudaStream_t stream) {
+  const TileCta<T, D, kTensorCopies> cta(p.sm90);
   static const cudaError_t attr = cta.allow();
-  if (attr != cudaSuccess) return cudaGetErrorString(attr);
-  if (p.B * p.Hq * p.S == 0) return nullptr;
+  if (attr != cudaSuccess) return attr;
   // Row tiles in x (up to 2^31 - 1: a long correct_kv chunk has S * G / 16 tiles per KV head), the
   // splits (<= kMaxSplits) in y, the batch (<= 65535, checked by the torch-side launcher) in z.
   const dim3 grid(static_cast<unsigned>(p.row_groups() * p.m_tiles()), static_cast<unsigned>(p.splits),
                   static_cast<unsigned>(p.B));
   const Launch l(grid, cta.threads, p.hist != nullptr ? cta.smem_digits : cta.smem, stream, 1, false);
-  cudaError_t err = cudaLaunchKernelEx(&l.config, attention_split_kernel<T, D>, p);
+  return cudaLaunchKernelEx(&l.config, attention_split_kernel<T, D, kTensorCopies>, p, maps);
+}
+
+// Dense positions on sm_90 (decode, select, correct_kv) load by tensor copies where the head dim and
+// the cache's layout allow: on an H100, a kernel doing only the loads streamed 1x128K at 3.07 TB/s
+// that way against 2.94 TB/s row by row (benchmarks/stream_floor.cu).
+template <typename T, int D>
+const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
+  if (p.B * p.Hq * p.S == 0) return nullptr;
+  KvMaps maps = {};
+  cudaError_t err;
+  if constexpr (tile_tensor_copies(D)) {
+    if (p.sm90 && p.indices == nullptr && encode_kv_maps<T>(p, D, tile_tokens(D, true), maps))
+      err = launch_tile<T, D, true>(p, maps, stream);
+    else
+      err = launch_tile<T, D, false>(p, maps, stream);
+  } else {
+    err = launch_tile<T, D, false>(p, maps, stream);
+  }
   if (err == cudaSuccess && out != nullptr) err = launch_merge<T, D>(p, out, lse, stream);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
@@ -122,7 +185,7 @@ int ctas_per_sm(int64_t D, bool sm90, bool digits) {
     const TileCta<T, decltype(d)::value> cta(sm90);
     cta.allow();
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attention_split_kernel<T, decltype(d)::value>, cta.threads,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attention_split_kernel<T, decltype(d)::value, false>, cta.threads,
                                                       digits ? cta.smem_digits : cta.smem) != cudaSuccess)
       n = 0;
     cudaGetLastError();

@@ -4,11 +4,12 @@
 // One attention kernel serves all four ops. A CTA takes up to 16 query rows that share a KV head
 // (the G query heads of a group for decode/select/group-sparse, one head for head-sparse, (query,
 // head) pairs for correct_kv) and one split of the position space, streams K/V tiles of
-// tile_tokens(D, sm90) tokens (a warp per 16 of them) through shared memory in three stages (bulk
-// copies on sm_90, cp.async below), computes S = Q K^T and O += P V with m16n8k16 tensor-core MMAs
-// (fp32 accumulation), keeps an online softmax per warp, and writes a partial result (m, l, O) per
-// split. merge_splits_kernel combines the splits (flash-decoding), and topk_kernel turns the raw scores
-// select_attention asked for into sorted top-k index rows.
+// tile_tokens(D, sm90) tokens (a warp per 16 of them) through shared memory in three stages (on
+// sm_90 tensor copies of whole tiles, or a bulk copy per row; cp.async below), computes S = Q K^T
+// and O += P V with m16n8k16 tensor-core MMAs (fp32 accumulation), keeps an online softmax per warp,
+// and writes a partial result (m, l, O) per split. merge_splits_kernel combines the splits
+// (flash-decoding), and topk_kernel turns the raw scores select_attention asked for into sorted
+// top-k index rows.
 #pragma once
 
 #include <cuda_bf16.h>
@@ -110,12 +111,40 @@ __device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
       : "memory");
 #endif
 }
+// A CUtensorMap (cuda.h's 128-byte, 64-byte aligned descriptor) as the kernel receives it, encoded
+// by the launcher; CUDA headers stay out of the kernel's parameters.
+struct alignas(64) TensorMap {
+  unsigned char bytes[128];
+};
+// The K and V caches as [B, Hkv, N, D] tensor maps: boxes of 64 dims (128 bytes, swizzled) by a
+// tile's rows. A __grid_constant__ kernel parameter, so that the copy engine reads it in place.
+struct KvMaps {
+  TensorMap k, v;
+};
+// The tensor copy of box (c0, c1, c2, c3) of `map` into shared memory (sm_90 code; empty elsewhere).
+__device__ __forceinline__ void tensor_copy_4d(void* smem, const TensorMap* map, int c0, int c1, int c2, int c3,
+                                               uint64_t* bar, uint64_t policy) {
+#if TIDAL_SM90
+  asm volatile(
+      "cp.async.bulk.tensor.4d.shared::cluster.global.tile.mbarrier::complete_tx::bytes.L2::cache_hint"
+      " [%0], [%1, {%2, %3, %4, %5}], [%6], %7;\n" ::"r"(smem_u32(smem)),
+      "l"(map), "r"(c0), "r"(c1), "r"(c2), "r"(c3), "r"(smem_u32(bar)), "l"(policy)
+      : "memory");
+#endif
+}
+// Orders this thread's generic-proxy writes to shared memory before later copy-engine writes there.
+__device__ __forceinline__ void fence_proxy_async() {
+#if TIDAL_SM90
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#endif
+}
+
 // The bulk copy of `bytes` into shared memory, its lines taking L2 policy `policy`; first orders
 // this thread's earlier generic-proxy writes to shared memory (a zero fill of the same row) before it.
 __device__ __forceinline__ void bulk_copy(void* smem, const void* gmem, unsigned bytes, uint64_t* bar,
                                           uint64_t policy) {
 #if TIDAL_SM90
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+  fence_proxy_async();
   asm volatile(
       "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
       " [%0], [%1], %2, [%3], %4;\n" ::"r"(smem_u32(smem)),
@@ -210,33 +239,52 @@ __device__ __forceinline__ float state_weight(float m, float M) { return m == kN
 // 1 / L of a merged row: 0 where no position was valid (L = 0), NaN stays NaN.
 __device__ __forceinline__ float inv_row_sum(float L) { return L > 0.f ? 1.f / L : (L == 0.f ? 0.f : L); }
 
-// Shared memory of the attention kernel: kStages stages of K and V tiles (rows padded by 16 bytes
-// so the MMA operand reads hit 32 distinct banks) and the positions of each tile row (-1 = masked).
-// Three stages keep two tiles in flight per CTA while the third is computed on.
+// Shared memory of the attention kernel: kStages stages of K and V tiles and the positions of each
+// tile row (-1 = masked). Three stages keep two tiles in flight per CTA while the third is computed
+// on. Rows copied one by one (a bulk copy or cp.asyncs a row) are padded by 16 bytes so the MMA
+// operand reads hit 32 distinct banks; tiles the tensor copies fill (kSwizzled) hold 64-dim halves of
+// 128-byte rows whose 16-byte chunks the copy engine swizzles (chunk c of row r at c ^ (r % 8)),
+// which spreads those reads as well. Swizzled tiles start at a 1024-byte boundary (the swizzle's
+// period): the kernel aligns the buffer, which has room for that.
 constexpr int kStages = 3;
-template <typename T, int D, bool kSm90>
+template <typename T, int D, bool kSm90, bool kSwizzled = false>
 struct AttnSmem {
   static constexpr int kTileTokens = tile_tokens(D, kSm90), kWarps = kTileTokens / 16;
-  static constexpr int kPitch = D + 8;  // elements per smem row
+  static constexpr int kPitch = kSwizzled ? D : D + 8;  // elements per smem row
   static constexpr size_t kTileElems = size_t(kTileTokens) * kPitch;
   static constexpr size_t kTileBytes = kStages * 2 * kTileElems * sizeof(T);
-  static constexpr size_t kBytes = kTileBytes + kStages * kTileTokens * sizeof(int32_t);
+  static constexpr size_t kAlign = kSwizzled ? 1024 : 16;
+  static constexpr size_t kBytes = kTileBytes + kStages * kTileTokens * sizeof(int32_t) + (kAlign - 16);
+  static_assert(!kSwizzled || D % 64 == 0, "swizzled tiles hold 64-dim halves");
   // The final cross-warp combine reuses the tiles: kWarps x kTileRows x D floats plus m, l, weight,
   // and each row's m, l.
   static_assert((size_t(kWarps) * kTileRows * (D + 3) + 2 * kTileRows) * sizeof(float) <= kTileBytes,
                 "combine buffer must fit in the tile buffers");
   // With select's digit counts (p.hist): kDigitRows x kTopkBins 16-bit counters after the rest.
   static constexpr size_t kDigitBytes = size_t(kDigitRows) * kTopkBins * sizeof(uint16_t);
+  // Element offset of 16-byte chunk c (8 elements) of tile row r.
+  static __device__ __forceinline__ int at(int r, int c) {
+    if constexpr (kSwizzled)
+      return (c >> 3) * kTileTokens * 64 + r * 64 + (((c & 7) ^ (r & 7)) << 3);
+    else
+      return r * kPitch + c * 8;
+  }
 };
 
-template <typename T, int D>
-__global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_kernel(const AttnParams p) {
-  using Smem = AttnSmem<T, D, TIDAL_SM90>;
+// Whether the tile kernel of head dim D may load its tiles by tensor copies (sm_90, dense positions):
+// its tiles then hold 64-dim halves.
+TIDAL_HOST_DEVICE constexpr bool tile_tensor_copies(int D) { return D == 64 || D == 128; }
+
+// kTensorCopies (sm_90 code, tile_tensor_copies(D), dense positions): one tensor copy of K and one of V
+// per 64 dims of a tile, from `maps`, instead of a bulk copy per row.
+template <typename T, int D, bool kTensorCopies>
+__global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
+    attention_split_kernel(const AttnParams p, const __grid_constant__ KvMaps maps) {
+  using Smem = AttnSmem<T, D, TIDAL_SM90, kTensorCopies>;
   constexpr int kTileTokens = Smem::kTileTokens, kWarps = Smem::kWarps, kThreads = tile_threads(D, TIDAL_SM90);
-  constexpr int kPitch = Smem::kPitch;
   constexpr int kChunks = D / 8;  // 16-byte chunks per row
   extern __shared__ __align__(16) unsigned char smem_raw[];
-  T* sK = reinterpret_cast<T*>(smem_raw);
+  T* sK = reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(smem_raw) + Smem::kAlign - 1) & ~(Smem::kAlign - 1));
   T* sV = sK + kStages * Smem::kTileElems;
   int32_t* sPos = reinterpret_cast<int32_t*>(sV + kStages * Smem::kTileElems);
   // select's digit counts: row r's digits 2w, 2w + 1 in the low, high half of word r * kTopkBins / 2 + w
@@ -297,13 +345,14 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
   };
 
   // sm_90: each thread moves one K or V row of a tile by bulk copy; stage s's mbarrier completes once
-  // every warp has arrived and the copies' bytes have landed. Invalid rows are zeroed by hand.
+  // every warp has arrived and the copies' bytes have landed. Invalid rows are zeroed by hand. With
+  // tensor copies, thread 0 arrives once and issues them all.
   const bool bulk = TIDAL_SM90 && p.sm90;
   __shared__ __align__(8) uint64_t stage_bar[kStages];
   static_assert(kThreads == 2 * kTileTokens, "a thread per K or V row of a tile");
   if (bulk) {
     if (tid == 0)
-      for (int s = 0; s < kStages; ++s) mbar_init(&stage_bar[s], kWarps);
+      for (int s = 0; s < kStages; ++s) mbar_init(&stage_bar[s], kTensorCopies ? 1 : kWarps);
     __syncthreads();
   }
   const uint64_t kv_policy = l2_policy<false>(), score_policy = l2_policy<true>();
@@ -311,7 +360,7 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
     const int r = tid % kTileTokens;
     const bool is_v = tid >= kTileTokens;
     const int32_t pos = position(p0 + tile * kTileTokens + r);
-    T* dst = (is_v ? sV : sK) + stage * Smem::kTileElems + r * kPitch;
+    T* dst = (is_v ? sV : sK) + stage * Smem::kTileElems + Smem::at(r, 0);
     // One arrival a warp, expecting the bytes of its lanes' copies.
     const unsigned copies = __popc(__ballot_sync(0xffffffffu, pos >= 0));
     if (lane == 0) mbar_arrive_expect_tx(&stage_bar[stage], copies * D * sizeof(T));
@@ -339,13 +388,43 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
       const int c = tid + j * kThreads, r = c / kChunks, ch = c % kChunks;
       const bool ok = pos[j] >= 0;
       const int64_t prow = ok ? pos[j] : 0;
-      cp_async_16(sK + stage * Smem::kTileElems + r * kPitch + ch * 8, kbase + prow * p.k_stride_n + ch * 8, ok);
-      cp_async_16(sV + stage * Smem::kTileElems + r * kPitch + ch * 8, vbase + prow * p.v_stride_n + ch * 8, ok);
+      cp_async_16(sK + stage * Smem::kTileElems + Smem::at(r, ch), kbase + prow * p.k_stride_n + ch * 8, ok);
+      cp_async_16(sV + stage * Smem::kTileElems + Smem::at(r, ch), vbase + prow * p.v_stride_n + ch * 8, ok);
       if (ch == 0) sPos[stage * kTileTokens + r] = pos[j];
     }
   };
+  // Tensor copies of a whole tile; rows past the tensor's N arrive as zeros, the kernel zeroes the
+  // V rows from max_limit on after they land (zero_tail_rows). Positions are written as above.
+  auto load_tile_tensor = [&](int64_t tile, int stage) {
+    const int64_t t0 = p0 + tile * kTileTokens;
+    if (tid == 0) {
+      mbar_arrive_expect_tx(&stage_bar[stage], 2 * kTileTokens * D * sizeof(T));
+      for (int h = 0; h < D / 64; ++h) {
+        const int off = stage * Smem::kTileElems + h * kTileTokens * 64;
+        tensor_copy_4d(sK + off, &maps.k, h * 64, static_cast<int>(t0), static_cast<int>(kvh), static_cast<int>(b),
+                       &stage_bar[stage], kv_policy);
+        tensor_copy_4d(sV + off, &maps.v, h * 64, static_cast<int>(t0), static_cast<int>(kvh), static_cast<int>(b),
+                       &stage_bar[stage], kv_policy);
+      }
+    }
+    if (tid < kTileTokens) sPos[stage * kTileTokens + tid] = position(t0 + tid);
+  };
+  // V rows at or past max_limit hold whatever the cache holds there (NaN, say), and a zero weight
+  // times NaN is NaN: zero them, once the copies have landed. Only a tile that reaches max_limit.
+  auto zero_tail_rows = [&](int64_t tile, int stage) {
+    const int64_t t0 = p0 + tile * kTileTokens;
+    if (t0 + kTileTokens <= max_limit) return;
+    for (int e = tid; e < kTileTokens * kChunks; e += kThreads) {
+      const int r = e / kChunks, c = e % kChunks;
+      if (t0 + r >= max_limit)
+        reinterpret_cast<uint4*>(sV + stage * Smem::kTileElems + Smem::at(r, c))[0] = make_uint4(0, 0, 0, 0);
+    }
+    fence_proxy_async();  // the stage's next tensor copies land after these writes
+  };
   auto load_tile = [&](int64_t tile, int stage) {
-    if (bulk)
+    if (kTensorCopies)
+      load_tile_tensor(tile, stage);
+    else if (bulk)
       load_tile_bulk(tile, stage);
     else
       load_tile_async(tile, stage);
@@ -382,7 +461,9 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
     const int stage = static_cast<int>(tile % kStages);
     if (bulk)
       mbar_wait(&stage_bar[stage], static_cast<unsigned>(tile / kStages) & 1u);
-    else
+    if (kTensorCopies)
+      zero_tail_rows(tile, stage);
+    else if (!bulk)
       cp_async_wait<kStages - 2>();
     __syncthreads();  // the stage's zero fills and positions; the stage refilled next is consumed
     if (tile + kStages - 1 < num_tiles) load_tile(tile + kStages - 1, static_cast<int>((tile + kStages - 1) % kStages));
@@ -396,10 +477,11 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
     float s[2][4];
     for (int nb = 0; nb < 2; ++nb) {
       s[nb][0] = s[nb][1] = s[nb][2] = s[nb][3] = 0.f;
-      const T* krow = tK + (warp * 16 + nb * 8 + (lane >> 2)) * kPitch + 2 * (lane & 3);
+      const int kr = warp * 16 + nb * 8 + (lane >> 2);
+      const T* krow = tK + 2 * (lane & 3);
       for (int kc = 0; kc < D / 16; ++kc) {
-        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + kc * 16);
-        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + kc * 16 + 8);
+        const uint32_t b0 = *reinterpret_cast<const uint32_t*>(krow + Smem::at(kr, 2 * kc));
+        const uint32_t b1 = *reinterpret_cast<const uint32_t*>(krow + Smem::at(kr, 2 * kc + 1));
         Mma<T>::mma(s[nb], qa[kc], b0, b1);
       }
     }
@@ -488,11 +570,10 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90)) attention_split_k
     }
     // O += P V: V fragments with ldmatrix.trans, 16 dims (two n8 blocks) per load.
     {
-      const int mat = lane >> 3, r = lane & 7;
-      const T* vrow = tV + (warp * 16 + r + (mat & 1) * 8) * kPitch + (mat >> 1) * 8;
+      const int mat = lane >> 3, vr = warp * 16 + (lane & 7) + (mat & 1) * 8;
       for (int j = 0; j < D / 16; ++j) {
         uint32_t vb[4];
-        ldmatrix_x4_trans(vb, vrow + j * 16);
+        ldmatrix_x4_trans(vb, tV + Smem::at(vr, 2 * j + (mat >> 1)));
         Mma<T>::mma(o[2 * j], pa, vb[0], vb[1]);
         Mma<T>::mma(o[2 * j + 1], pa, vb[2], vb[3]);
       }
