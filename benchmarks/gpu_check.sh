@@ -109,7 +109,7 @@ if has bench; then
   summary+=("$(tail -1 "$OUT/gather_floor.log")")
   # How fast the tile kernel's loads stream a cache when loading is all a kernel does, row by row
   # and by whole-tile tensor copies, beside a plain read stream (decode reads faster than a copy).
-  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/stream_floor benchmarks/stream_floor.cu &&
+  nvcc -O3 -std=c++17 -Iinclude -gencode=arch=compute_90a,code=sm_90a -o /tmp/stream_floor benchmarks/stream_floor.cu &&
     /tmp/stream_floor >"$OUT/stream_floor.json" 2>"$OUT/stream_floor.log"
   summary+=("$(tail -1 "$OUT/stream_floor.log")")
   "$PY" benchmarks/bench_ops.py --out "$OUT/ops.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -70

@@ -10,7 +10,7 @@
 // CTAs: "plan" = the tile kernel's split plan (a whole number of splits per KV head, one wave);
 // "bal" = one wave with the tiles spread evenly (ranges may cross KV heads).
 //
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/stream_floor benchmarks/stream_floor.cu
+//   nvcc -O3 -std=c++17 -Iinclude -gencode=arch=compute_90a,code=sm_90a -o /tmp/stream_floor benchmarks/stream_floor.cu
 //   /tmp/stream_floor > stream.json   (a table goes to stderr)
 #include <cuda_runtime.h>
 
@@ -23,35 +23,16 @@
 #include <vector>
 
 #include "cuda_check.h"
+#include "tidal/kernels/cuda_attention.cuh"
 
 constexpr int kHkv = 8, kD = 128, kRowBytes = kD * 2, kStages = 3;
 
-__device__ __forceinline__ uint32_t smem_u32(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-__device__ __forceinline__ void mbar_init(uint64_t* bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(smem_u32(bar)), "r"(count) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-__device__ __forceinline__ void mbar_expect(uint64_t* bar, unsigned bytes) {
-  asm volatile("{\n.reg .b64 st;\nmbarrier.arrive.expect_tx.shared::cta.b64 st, [%0], %1;\n}\n" ::"r"(smem_u32(bar)),
-               "r"(bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_wait(uint64_t* bar, unsigned parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\nmbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n@!done bra WAIT;\n}\n" ::"r"(
-          smem_u32(bar)),
-      "r"(parity)
-      : "memory");
-}
-__device__ __forceinline__ void bulk_copy(void* smem, const void* gmem, unsigned bytes, uint64_t* bar, uint64_t pol) {
-  asm volatile(
-      "cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes.L2::cache_hint"
-      " [%0], [%1], %2, [%3], %4;\n" ::"r"(smem_u32(smem)),
-      "l"(gmem), "r"(bytes), "r"(smem_u32(bar)), "l"(pol)
-      : "memory");
-}
+// The tile kernel's own copy and barrier helpers, so the loads measured are the kernel's.
+using tidal::kernels::cuda::bulk_copy;
+using tidal::kernels::cuda::l2_policy;
+using tidal::kernels::cuda::mbar_arrive_expect_tx;
+using tidal::kernels::cuda::mbar_init;
+using tidal::kernels::cuda::mbar_wait;
 
 // CTA i streams tiles [range[i].x, range[i].y) of kTile rows (K and V) through kStages stages.
 // kWhole: one copy per K/V tile; else a thread per row (2 * kTile threads).
@@ -63,8 +44,7 @@ __global__ void __launch_bounds__(2 * kTile) stream_tiles(const char* k, const c
   __shared__ __align__(8) uint64_t bar[kStages];
   const int tid = threadIdx.x, lane = tid & 31, warps = blockDim.x / 32;
   const int t0 = range[blockIdx.x].x, t1 = range[blockIdx.x].y;
-  uint64_t pol;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(pol));
+  const uint64_t pol = l2_policy<false>();  // evict first, as the tile kernel's K/V loads
   if (tid == 0)
     for (int s = 0; s < kStages; ++s) mbar_init(&bar[s], kWhole ? 1 : warps);
   __syncthreads();
@@ -73,14 +53,14 @@ __global__ void __launch_bounds__(2 * kTile) stream_tiles(const char* k, const c
     const size_t off = size_t(tile) * kTile * kRowBytes;
     if (kWhole) {
       if (tid == 0) {
-        mbar_expect(&bar[stage], 2 * kTile * kRowBytes);
+        mbar_arrive_expect_tx(&bar[stage], 2 * kTile * kRowBytes);
         bulk_copy(sk, k + off, kTile * kRowBytes, &bar[stage], pol);
         bulk_copy(sk + kTile * kPitch, v + off, kTile * kRowBytes, &bar[stage], pol);
       }
     } else {
       const int r = tid % kTile;
       const bool is_v = tid >= kTile;
-      if (lane == 0) mbar_expect(&bar[stage], 32 * kRowBytes);
+      if (lane == 0) mbar_arrive_expect_tx(&bar[stage], 32 * kRowBytes);
       __syncwarp();
       bulk_copy(sk + (is_v ? kTile * kPitch : 0) + r * kPitch, (is_v ? v : k) + off + size_t(r) * kRowBytes,
                 kRowBytes, &bar[stage], pol);

@@ -131,8 +131,8 @@ cudaError_t launch_tile(const AttnParams& p, const KvMaps& maps, cudaStream_t st
 }
 
 // Dense positions on sm_90 (decode, select, correct_kv) load by tensor copies where the head dim and
-// the cache's layout allow: on an H100, a kernel doing only the loads streamed 1x128K at 3.07 TB/s
-// that way against 2.94 TB/s row by row (benchmarks/stream_floor.cu).
+// the cache's layout allow: on an H100, a kernel doing only the loads streamed 1x128K at 3.10 TB/s
+// that way against 2.97 TB/s row by row (benchmarks/stream_floor.cu).
 template <typename T, int D>
 const char* launch_attention_typed(const AttnParams& p, void* out, float* lse, cudaStream_t stream) {
   if (p.B * p.Hq * p.S == 0) return nullptr;
@@ -182,10 +182,13 @@ const char* launch_merge_behind_topk_for(const AttnParams& p, int64_t D, void* o
 template <typename T>
 int ctas_per_sm(int64_t D, bool sm90, bool digits) {
   return with_tile_instance(D, [&](auto d) {
-    const TileCta<T, decltype(d)::value> cta(sm90);
+    // The row-by-row instance: the tensor-copy one needs less shared memory (no row padding), so it
+    // holds at least as many CTAs.
+    constexpr int kD = decltype(d)::value;
+    const TileCta<T, kD> cta(sm90);
     cta.allow();
     int n = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attention_split_kernel<T, decltype(d)::value, false>, cta.threads,
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, attention_split_kernel<T, kD, false>, cta.threads,
                                                       digits ? cta.smem_digits : cta.smem) != cudaSuccess)
       n = 0;
     cudaGetLastError();

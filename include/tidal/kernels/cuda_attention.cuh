@@ -422,7 +422,7 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
     fence_proxy_async();  // the stage's next tensor copies land after these writes
   };
   auto load_tile = [&](int64_t tile, int stage) {
-    if (kTensorCopies)
+    if constexpr (kTensorCopies)
       load_tile_tensor(tile, stage);
     else if (bulk)
       load_tile_bulk(tile, stage);
@@ -461,7 +461,7 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
     const int stage = static_cast<int>(tile % kStages);
     if (bulk)
       mbar_wait(&stage_bar[stage], static_cast<unsigned>(tile / kStages) & 1u);
-    if (kTensorCopies)
+    if constexpr (kTensorCopies)
       zero_tail_rows(tile, stage);
     else if (!bulk)
       cp_async_wait<kStages - 2>();
