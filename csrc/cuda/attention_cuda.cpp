@@ -161,8 +161,9 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   // need the lse), and the top-k skips its first read of the scores.
   at::Tensor hist;
   if (!group && kc::digits_fit(p, c.dtype, D, q.get_device())) {
-    hist = at::zeros({p.B, p.Hq, kernels::kTopkBins}, q.options().dtype(at::kInt));
+    hist = at::empty({p.B, p.Hq, kernels::kTopkBins}, q.options().dtype(at::kInt));
     p.hist = hist.data_ptr<int>();
+    check_launch(op, kc::launch_zero_fill(p.hist, hist.numel(), current_stream(q)));
     p.sink = sink;
     p.tail = kernels::forced_tail(recent);
   }

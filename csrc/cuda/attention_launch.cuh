@@ -126,7 +126,9 @@ cudaError_t launch_tile(const AttnParams& p, const KvMaps& maps, cudaStream_t st
   // splits (<= kMaxSplits) in y, the batch (<= 65535, checked by the torch-side launcher) in z.
   const dim3 grid(static_cast<unsigned>(p.row_groups() * p.m_tiles()), static_cast<unsigned>(p.splits),
                   static_cast<unsigned>(p.B));
-  const Launch l(grid, cta.threads, p.hist != nullptr ? cta.smem_digits : cta.smem, stream, 1, false);
+  // select's (head mode) starts early behind its histogram's zero fill (launch_zero_fill).
+  const Launch l(grid, cta.threads, p.hist != nullptr ? cta.smem_digits : cta.smem, stream, 1,
+                 p.sm90 && p.hist != nullptr);
   return cudaLaunchKernelEx(&l.config, attention_split_kernel<T, D, kTensorCopies>, p, maps);
 }
 

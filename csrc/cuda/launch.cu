@@ -146,6 +146,16 @@ bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device) {
   return p.rows_per_cta_group() <= kDigitRows && p.chunk <= kDigitMaxCount && digits_keep_occupancy(dtype, D, device);
 }
 
+const char* launch_zero_fill(int* dst, int64_t ints, void* stream) {
+  const int64_t n = ints / 4;
+  if (n == 0) return nullptr;
+  constexpr int kThreads = 256;
+  const int64_t ctas = std::min<int64_t>((n + kThreads - 1) / kThreads, 1024);
+  zero_fill_kernel<int4><<<static_cast<unsigned>(ctas), kThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      reinterpret_cast<int4*>(dst), n);
+  return last_error();
+}
+
 const char* launch_attention(const AttnParams& p, DType dtype, int64_t D, void* out, float* lse, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
   return dtype == DType::Half ? launch_attention_fp16(p, D, out, lse, s) : launch_attention_bf16(p, D, out, lse, s);

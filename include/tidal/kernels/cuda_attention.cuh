@@ -201,9 +201,9 @@ __device__ __forceinline__ uint32_t first_digit(uint32_t key) { return key >> 21
 // the previous one's results before its first global read (select's head-mode merge, behind the
 // top-k, at its end: see merge_splits_kernel), and lets the next one start once its main loop is
 // done; both are no-ops without the launch attribute or below sm_90. The launchers ask
-// for it where a kernel follows another of the same op (merge_splits, top-k): on an H100 that took
-// 1-2 us off decode and select; launching each op's first kernel early as well lost 1-3% on the
-// 32-layer step.
+// for it where a kernel follows another of the same op (merge_splits, top-k, select's tile kernel
+// behind its histogram's zero fill): on an H100 that took 1-2 us off decode and select; launching
+// each op's first kernel early as well lost 1-3% on the 32-layer step.
 __device__ __forceinline__ void wait_for_previous_kernel() {
 #if TIDAL_SM90
   asm volatile("griddepcontrol.wait;\n" ::: "memory");
@@ -291,7 +291,9 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
   uint32_t* sDigits = reinterpret_cast<uint32_t*>(smem_raw + Smem::kBytes);
   constexpr int kDigitWords = kDigitRows * kTopkBins / 2;
 
-  wait_for_previous_kernel();
+  // select (head mode): the kernel starts early behind the zero fill of its histogram (zero_fill_kernel)
+  // and waits for it only before its digit flush, so the fill overlaps the main loop.
+  if (p.hist == nullptr) wait_for_previous_kernel();
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   // Grid: x = row group x m tile (can exceed 65535: a long correct_kv chunk), y = split (<= kMaxSplits),
   // z = batch row (<= 65535, checked on the host). Head and row indices fit 32 bits (Hq * S rows of
@@ -592,6 +594,7 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
   // weights once, then the CTA's valid rows element by element.
   __syncthreads();
   if (p.hist != nullptr) {  // the CTA's digit counts into its rows' (zeroed) histograms
+    wait_for_previous_kernel();
     int* hist = p.hist + (b * p.Hq + rg * Gr) * kTopkBins;  // word w: entries 2w, 2w + 1
     for (int w = tid; w < kDigitWords; w += kThreads) {
       const uint32_t v = sDigits[w];
@@ -642,6 +645,14 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
       p.part_ml[slot * 2 + 1] = cRow[2 * row + 1];
     }
   }
+}
+
+// Zeroes n items of dst and lets the next kernel (select's tile kernel) start at once.
+template <typename V>
+__global__ void zero_fill_kernel(V* dst, int64_t n) {
+  let_next_kernel_start();
+  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
+    dst[i] = V{};
 }
 
 // Upper bound of the splits of one row (plan_splits caps them): the merge keeps a weight per split.
