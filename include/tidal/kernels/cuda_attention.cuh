@@ -29,6 +29,12 @@
 #else
 #define TIDAL_SM90 0
 #endif
+// A PTX instruction with no operands, in sm_90+ device code only (nothing elsewhere).
+#if TIDAL_SM90
+#define TIDAL_SM90_ASM(instruction) asm volatile(instruction ";\n" ::: "memory")
+#else
+#define TIDAL_SM90_ASM(instruction) ((void)0)
+#endif
 
 namespace tidal::kernels::cuda {
 
@@ -133,11 +139,7 @@ __device__ __forceinline__ void tensor_copy_4d(void* smem, const TensorMap* map,
 #endif
 }
 // Orders this thread's generic-proxy writes to shared memory before later copy-engine writes there.
-__device__ __forceinline__ void fence_proxy_async() {
-#if TIDAL_SM90
-  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
-#endif
-}
+__device__ __forceinline__ void fence_proxy_async() { TIDAL_SM90_ASM("fence.proxy.async.shared::cta"); }
 
 // The bulk copy of `bytes` into shared memory, its lines taking L2 policy `policy`; first orders
 // this thread's earlier generic-proxy writes to shared memory (a zero fill of the same row) before it.
@@ -204,16 +206,8 @@ __device__ __forceinline__ uint32_t first_digit(uint32_t key) { return key >> 21
 // for it where a kernel follows another of the same op (merge_splits, top-k, select's tile kernel
 // behind its histogram's zero fill): on an H100 that took 1-2 us off decode and select; launching
 // each op's first kernel early as well lost 1-3% on the 32-layer step.
-__device__ __forceinline__ void wait_for_previous_kernel() {
-#if TIDAL_SM90
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void let_next_kernel_start() {
-#if TIDAL_SM90
-  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
-#endif
-}
+__device__ __forceinline__ void wait_for_previous_kernel() { TIDAL_SM90_ASM("griddepcontrol.wait"); }
+__device__ __forceinline__ void let_next_kernel_start() { TIDAL_SM90_ASM("griddepcontrol.launch_dependents"); }
 
 __device__ __forceinline__ void ldmatrix_x4_trans(uint32_t r[4], const void* smem) {
   const uint32_t addr = smem_u32(smem);
@@ -647,7 +641,8 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
   }
 }
 
-// Zeroes n items of dst and lets the next kernel (select's tile kernel) start at once.
+// Zeroes n items of dst and lets the next kernel (select's tile kernel) start at once. A template
+// (of one instance) so that the .cu files including this header share one definition.
 template <typename V>
 __global__ void zero_fill_kernel(V* dst, int64_t n) {
   let_next_kernel_start();
@@ -742,16 +737,8 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
 // The two halves of a cluster barrier, for a CTA that is done with its peers' shared memory well
 // before it ends: it arrives then, and waits (so that no peer still reads its own) just before it
 // exits. Every thread calls both, the same number of times. No-ops without clusters.
-__device__ __forceinline__ void cluster_arrive() {
-#if TIDAL_SM90
-  asm volatile("barrier.cluster.arrive.release.aligned;\n" ::: "memory");
-#endif
-}
-__device__ __forceinline__ void cluster_wait() {
-#if TIDAL_SM90
-  asm volatile("barrier.cluster.wait.acquire.aligned;\n" ::: "memory");
-#endif
-}
+__device__ __forceinline__ void cluster_arrive() { TIDAL_SM90_ASM("barrier.cluster.arrive.release.aligned"); }
+__device__ __forceinline__ void cluster_wait() { TIDAL_SM90_ASM("barrier.cluster.wait.acquire.aligned"); }
 // Both halves at once; without clusters, the CTA's own barrier.
 __device__ __forceinline__ void cluster_barrier() {
 #if TIDAL_SM90
