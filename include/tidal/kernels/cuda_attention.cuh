@@ -205,7 +205,8 @@ __device__ __forceinline__ uint32_t first_digit(uint32_t key) { return key >> 21
 // done; both are no-ops without the launch attribute or below sm_90. The launchers ask
 // for it where a kernel follows another of the same op (merge_splits, top-k, select's tile kernel
 // behind its histogram's zero fill): on an H100 that took 1-2 us off decode and select; launching
-// each op's first kernel early as well lost 1-3% on the 32-layer step.
+// each op's first kernel early as well lost 1-3% on the 32-layer step. The one exception is that
+// zero fill, which is only select's first kernel and waits at once (0.4-0.7 us off select).
 __device__ __forceinline__ void wait_for_previous_kernel() { TIDAL_SM90_ASM("griddepcontrol.wait"); }
 __device__ __forceinline__ void let_next_kernel_start() { TIDAL_SM90_ASM("griddepcontrol.launch_dependents"); }
 
@@ -426,6 +427,15 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
       load_tile_async(tile, stage);
   };
 
+  // Pipeline: tiles 0 .. kStages-2 in flight before the loop, issued before the Q loads below so
+  // that the latency of those loads overlaps theirs (on an H100, decode and select at 1x32K took
+  // about 1 us less); each iteration waits for its tile, then refills the stage the previous
+  // iteration consumed (the barrier orders that reuse).
+  for (int s = 0; s < kStages - 1; ++s) {
+    if (s < num_tiles) load_tile(s, s);
+    cp_async_commit();  // an empty group where there is no tile keeps the group count uniform
+  }
+
   // Q fragments (A operand), rows beyond this CTA's rows are zero.
   uint32_t qa[D / 16][4];
   {
@@ -447,12 +457,6 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
   if (p.hist != nullptr)  // the loop's first barrier orders this before the first count
     for (int w = tid; w < kDigitWords; w += kThreads) sDigits[w] = 0;
 
-  // Pipeline: tiles 0 .. kStages-2 in flight before the loop; each iteration waits for its tile,
-  // then refills the stage the previous iteration consumed (the barrier orders that reuse).
-  for (int s = 0; s < kStages - 1; ++s) {
-    if (s < num_tiles) load_tile(s, s);
-    cp_async_commit();  // an empty group where there is no tile keeps the group count uniform
-  }
   for (int64_t tile = 0; tile < num_tiles; ++tile) {
     const int stage = static_cast<int>(tile % kStages);
     if (bulk)
@@ -641,10 +645,13 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
   }
 }
 
-// Zeroes n items of dst and lets the next kernel (select's tile kernel) start at once. A template
-// (of one instance) so that the .cu files including this header share one definition.
+// Zeroes n items of dst. It starts early behind the stream's previous kernel and waits for it (dst
+// may be memory that kernel still reads), then lets the next kernel (select's tile kernel, which
+// reads the previous kernels' results without waiting again) start at once. A template (of one
+// instance) so that the .cu files including this header share one definition.
 template <typename V>
 __global__ void zero_fill_kernel(V* dst, int64_t n) {
+  wait_for_previous_kernel();
   let_next_kernel_start();
   for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < n; i += int64_t(gridDim.x) * blockDim.x)
     dst[i] = V{};
@@ -856,6 +863,8 @@ __device__ __forceinline__ void topk_drop_chunk(const TopkParams& p, float* row0
 // the cluster's cut-bin keys.
 constexpr size_t kTopkSmemBytes =
     2 * kTopkBins * sizeof(int) + kTopkListCap * sizeof(uint2) + kTopkBinCap * sizeof(uint32_t);
+// The same, padded past half of an sm_90 SM's 228 KB: one CTA an SM (TopkParams::spread).
+constexpr size_t kTopkSpreadSmemBytes = 120 * 1024;
 
 // Adds 1 to bin `bin` for every active lane; lanes of a warp with the same bin add once together
 // (score keys crowd into a few bins, and same-address shared atomics serialize). Whole warps call it.
@@ -867,26 +876,28 @@ __device__ __forceinline__ void warp_histogram_add(int* h, bool active, uint32_t
 // Block-wide ordered write of one round of kItems keys per thread (thread-major order = position
 // order): keys above the cut, and keys equal to it while the row's tie budget lasts (lowest positions
 // first). `written` and `eq_seen` carry over between rounds. Every thread of the block calls it.
+// One scan counts both kinds (16 bits each): the equal keys lower threads take are the first
+// min(their equal keys, budget), so each thread's offset follows from the two prefix sums.
 template <int kBlock, int kItems, typename Scan>
 __device__ __forceinline__ void topk_write_round(typename Scan::TempStorage& scan, const uint32_t (&k)[kItems],
                                                  const int32_t (&pos)[kItems], const bool (&ok)[kItems],
                                                  uint32_t cut, int64_t take_eq, int64_t& eq_seen,
                                                  int64_t& written, int32_t* out) {
+  static_assert(kBlock * kItems < (1 << 16), "a round's counts fit 16 bits");
   int n_eq = 0, n_gt = 0;
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     n_eq += (ok[i] && k[i] == cut) ? 1 : 0;
     n_gt += (ok[i] && k[i] > cut) ? 1 : 0;
   }
-  int eq_rank, round_eq;
-  Scan(scan).ExclusiveSum(n_eq, eq_rank, round_eq);
+  int before, total;
+  Scan(scan).ExclusiveSum(n_gt | (n_eq << 16), before, total);
   __syncthreads();
-  int64_t eq_take = take_eq - (eq_seen + eq_rank);
+  const int64_t budget = take_eq > eq_seen ? take_eq - eq_seen : 0;  // equal keys still to take
+  const int64_t eq_rank = before >> 16, round_eq = total >> 16;
+  int64_t eq_take = budget - eq_rank;
   eq_take = eq_take < 0 ? 0 : (eq_take > n_eq ? n_eq : eq_take);
-  int off, total;
-  Scan(scan).ExclusiveSum(n_gt + static_cast<int>(eq_take), off, total);
-  __syncthreads();
-  int64_t dst = written + off;
+  int64_t dst = written + (before & 0xffff) + min64(eq_rank, budget);
 #pragma unroll
   for (int i = 0; i < kItems; ++i) {
     if (!ok[i]) continue;
@@ -897,7 +908,7 @@ __device__ __forceinline__ void topk_write_round(typename Scan::TempStorage& sca
     }
     if (take) out[dst++] = pos[i];
   }
-  written += total;
+  written += (total & 0xffff) + min64(round_eq, budget);
   eq_seen += round_eq;
 }
 
@@ -1009,6 +1020,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
       }
     }
   }
+  if (tid == 0) sh_bin[0] = sh_bin[1] = 0;  // counted into while listing (choose_digit syncs)
   choose_digit(hist, 21, 0x7ffu, p.hist != nullptr ? 1u : cs);
 
   // The list: every key of this chunk at or above pass A's cut bin (all possible winners), in
@@ -1019,11 +1031,12 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   const int per_warp = ((v1 - v0 + kWarpsT - 1) / kWarpsT + 31) / 32 * 32;  // vectors, whole rounds
   const int wv0 = v0 + warp * per_warp, wv1 = min(v1, wv0 + per_warp);
   int seg = 0;  // this warp's entries (may pass kSegment: overflow)
+  uint32_t* bin_keys = reinterpret_cast<uint32_t*>(hist + kTopkBins);  // [kTopkBins] (head mode)
   {
     // The hot loop, issue-bound: one compare per position. Head mode compares the raw scores with the
     // cut bin's lowest score (-inf or +inf where the bin lies past them: NaN is listed either way,
     // +inf extra where the cut is among NaNs, which later passes rank below it) and lists raw
-    // scores, turned into keys when the list is packed; group mode's row holds keys. A position
+    // scores, turned into keys right after; group mode's row holds keys. A position
     // counts where it lies in this warp's share of [lo, hi): one unsigned compare.
     const uint32_t floor_key = prefix;
     const float floor_score =
@@ -1060,10 +1073,31 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
         }
       seg += __shfl_sync(0xffffffffu, incl, 31);
     }
+    // Head mode: the warp turns its entries into keys, gathers those in the cut bin (`bin_keys`,
+    // over the second histogram) and counts those above it, before the block's barrier (the warp
+    // waits for no other). Group mode's cut bin is wide: its keys are log-probabilities.
+    if (!group) {
+      __syncwarp();
+      const int n = min(seg, kSegment);  // an overflow spoils the counts: they go unused then
+      for (int base = 0; base < n; base += 32) {
+        const int i = base + lane;
+        uint32_t key = 0;
+        if (i < n) {
+          key = rank_key(__uint_as_float(mine[i].x));
+          mine[i].x = key;
+        }
+        const unsigned in = __ballot_sync(0xffffffffu, i < n && (key & mask) == prefix);
+        const unsigned above = __ballot_sync(0xffffffffu, i < n && (key & mask) > prefix);
+        int at = 0;
+        if (lane == 0 && in != 0) at = atomicAdd(&sh_bin[0], __popc(in));
+        if (lane == 0 && above != 0) atomicAdd(&sh_bin[1], __popc(above));
+        at = __shfl_sync(0xffffffffu, at, 0) + __popc(in & ((1u << lane) - 1));
+        if (((in >> lane) & 1) && at < kTopkBins) bin_keys[at] = key;
+      }
+    }
   }
   __shared__ int sh_seg[kWarpsT];
   if (lane == 0) sh_seg[warp] = seg;
-  if (tid == 0) sh_bin[0] = sh_bin[1] = 0;
   __syncthreads();
   int listed = 0, my_offset = 0;
   bool overflow = false;
@@ -1072,6 +1106,13 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     listed += sh_seg[w];
     overflow |= sh_seg[w] > kSegment;
   }
+  const bool use_list = !overflow;  // else (rare: many ties, a huge budget) re-scan the keys
+  // Head mode: the chunk's cut-bin keys and counts are in place (an overflowed list spoils the sum);
+  // the CTA packs its list before it waits for its peers' (one cluster barrier, split around it).
+  if (!group) {
+    if (!use_list && tid == 0) sh_bin[0] = kTopkBinCap + 1;
+    cluster_arrive();
+  }
   // Pack the segments into one list: each warp stages its entries in registers, then stores them at
   // its offset once every warp has read.
   uint2 staged[kSegment / 32];
@@ -1079,7 +1120,6 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     for (int i = 0; i < kSegment / 32; ++i) {
       const int at = lane + 32 * i;
       staged[i] = at < seg ? list[warp * kSegment + at] : make_uint2(0, 0);
-      if (!group) staged[i].x = rank_key(__uint_as_float(staged[i].x));  // head mode listed raw scores
     }
   __syncthreads();
   if (!overflow)
@@ -1088,35 +1128,20 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
       if (at < seg) list[my_offset + at] = staged[i];
     }
   __syncthreads();
-  const bool use_list = !overflow;  // else (rare: many ties, a huge budget) re-scan the keys
   if (use_list) topk_drop_chunk(p, row.row0, rank);  // the chunk's last read is done
 
-  // Head mode's usual case: each CTA gathers its listed keys in the cut bin (`bin_keys`, over the
-  // second histogram) and counts its keys above the bin. After one cluster barrier every CTA copies
+  // Head mode's usual case: each CTA has gathered its listed keys in the cut bin and counted those
+  // above it. After one cluster barrier every CTA copies
   // the cluster's cut-bin keys (`cluster_bin`, in chunk order) and, done with its peers, ranks them
   // on its own (passes B and C) and counts the lower chunks' winners from them: one cluster barrier
   // where passes B and C through the shared histograms and the count exchange take three. Where a
   // chunk's list or the cluster's cut-bin keys overflow (and in group mode), the whole cluster goes
   // that way instead.
-  uint32_t* bin_keys = reinterpret_cast<uint32_t*>(hist + kTopkBins);  // [kTopkBins]
   __shared__ int sh_peer[2][kMaxCluster];  // each chunk's listed keys in / above the cut bin
   int n_bin = 0, lower_bin = 0, lower_above = 0;  // the cluster's cut-bin keys; the lower chunks'
   bool gathered = false;
-  if (!group) {  // group mode's keys are log-probabilities: their cut bin is wide, it rarely fits
-    if (!use_list && tid == 0) sh_bin[0] = kTopkBinCap + 1;
-    if (use_list)
-      for (int base = 0; base < listed; base += kBlock) {  // whole warps: listed is the block's
-        const int i = base + tid;
-        const uint32_t key = i < listed ? list[i].x : 0u;
-        const unsigned in = __ballot_sync(0xffffffffu, i < listed && (key & mask) == prefix);
-        const unsigned above = __ballot_sync(0xffffffffu, i < listed && (key & mask) > prefix);
-        int at = 0;
-        if (lane == 0 && in != 0) at = atomicAdd(&sh_bin[0], __popc(in));
-        if (lane == 0 && above != 0) atomicAdd(&sh_bin[1], __popc(above));
-        at = __shfl_sync(0xffffffffu, at, 0) + __popc(in & ((1u << lane) - 1));
-        if (((in >> lane) & 1) && at < kTopkBins) bin_keys[at] = key;
-      }
-    cluster_barrier();  // every chunk's cut-bin keys and counts are in place
+  if (!group) {
+    cluster_wait();  // every chunk's cut-bin keys and counts are in place
     if (tid < static_cast<int>(cs)) {
       const int* c = cluster_peer(sh_bin, tid);
       sh_peer[0][tid] = c[0] <= kTopkBins ? c[0] : kTopkBinCap + 1;  // an overflow spoils the sum

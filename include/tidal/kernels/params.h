@@ -135,6 +135,7 @@ struct TopkParams {
   int64_t B = 0, Hq = 0, Hsel = 0, N = 0, top_k = 0, sink = 0, recent = 0;
   int cluster = 1;              // CTAs (a thread-block cluster) per selection row
   bool sm90 = false;            // device and code are sm_90+: early (programmatic) launch
+  bool spread = false;          // one CTA an SM (padded shared memory, sm_90)
   int64_t chunk = 0;            // positions per CTA, a multiple of 4 (32: the lines are dropped)
 };
 
