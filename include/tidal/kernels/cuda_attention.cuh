@@ -1036,8 +1036,8 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     // The hot loop, issue-bound: one compare per position. Head mode compares the raw scores with the
     // cut bin's lowest score (-inf or +inf where the bin lies past them: NaN is listed either way,
     // +inf extra where the cut is among NaNs, which later passes rank below it) and lists raw
-    // scores, turned into keys right after; group mode's row holds keys. A position
-    // counts where it lies in this warp's share of [lo, hi): one unsigned compare.
+    // scores, turned into keys right after; group mode's row holds keys. A position counts where
+    // it lies in this warp's share of [lo, hi): one unsigned compare.
     const uint32_t floor_key = prefix;
     const float floor_score =
         floor_key <= 0x007fffffu   ? kNegInf
@@ -1131,12 +1131,11 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   if (use_list) topk_drop_chunk(p, row.row0, rank);  // the chunk's last read is done
 
   // Head mode's usual case: each CTA has gathered its listed keys in the cut bin and counted those
-  // above it. After one cluster barrier every CTA copies
-  // the cluster's cut-bin keys (`cluster_bin`, in chunk order) and, done with its peers, ranks them
-  // on its own (passes B and C) and counts the lower chunks' winners from them: one cluster barrier
-  // where passes B and C through the shared histograms and the count exchange take three. Where a
-  // chunk's list or the cluster's cut-bin keys overflow (and in group mode), the whole cluster goes
-  // that way instead.
+  // above it. After one cluster barrier every CTA copies the cluster's cut-bin keys (`cluster_bin`,
+  // in chunk order) and, done with its peers, ranks them on its own (passes B and C) and counts the
+  // lower chunks' winners from them: one cluster barrier where passes B and C through the shared
+  // histograms and the count exchange take three. Where a chunk's list or the cluster's cut-bin
+  // keys overflow (and in group mode), the whole cluster goes that way instead.
   __shared__ int sh_peer[2][kMaxCluster];  // each chunk's listed keys in / above the cut bin
   int n_bin = 0, lower_bin = 0, lower_above = 0;  // the cluster's cut-bin keys; the lower chunks'
   bool gathered = false;
