@@ -163,7 +163,7 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   if (!group && kc::digits_fit(p, c.dtype, D, q.get_device())) {
     hist = at::empty({p.B, p.Hq, kernels::kTopkBins}, q.options().dtype(at::kInt));
     p.hist = hist.data_ptr<int>();
-    check_launch(op, kc::launch_zero_fill(p.hist, hist.numel(), current_stream(q)));
+    check_launch(op, kc::launch_zero_fill(p.hist, hist.numel(), p.sm90, current_stream(q)));
     p.sink = sink;
     p.tail = kernels::forced_tail(recent);
   }

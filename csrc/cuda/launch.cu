@@ -149,15 +149,12 @@ bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device) {
   return p.rows_per_cta_group() <= kDigitRows && p.chunk <= kDigitMaxCount && digits_keep_occupancy(dtype, D, device);
 }
 
-const char* launch_zero_fill(int* dst, int64_t ints, void* stream) {
+const char* launch_zero_fill(int* dst, int64_t ints, bool early, void* stream) {
   const int64_t n = ints / 4;
   if (n == 0) return nullptr;
   constexpr int kThreads = 256;
   const int64_t ctas = std::min<int64_t>((n + kThreads - 1) / kThreads, 1024);
-  int device = 0;
-  cudaGetDevice(&device);
-  const Launch l(dim3(static_cast<unsigned>(ctas)), kThreads, 0, static_cast<cudaStream_t>(stream), 1,
-                 has_sm90(device));
+  const Launch l(dim3(static_cast<unsigned>(ctas)), kThreads, 0, static_cast<cudaStream_t>(stream), 1, early);
   const cudaError_t err = cudaLaunchKernelEx(&l.config, zero_fill_kernel<int4>, reinterpret_cast<int4*>(dst), n);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

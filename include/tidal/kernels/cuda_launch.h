@@ -23,8 +23,8 @@ bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device);
 
 // Zeroes `ints` ints at `dst` (a multiple of 4, 16-byte aligned): select's first-digit histogram,
 // right before launch_attention, which then starts early and waits for the fill only where it adds
-// its counts.
-const char* launch_zero_fill(int* dst, int64_t ints, void* stream);
+// its counts. `early` (the planned p.sm90): the fill itself starts early behind the previous kernel.
+const char* launch_zero_fill(int* dst, int64_t ints, bool early, void* stream);
 
 // Attention (with p.part_o / p.part_ml allocated for p.splits) then the merge into `out`
 // (contiguous [B, Hq, S, D] of dtype); lse (optional, [B * Hq * S] fp32) receives each row's logsumexp.
