@@ -97,7 +97,7 @@ int64_t gather_capacity(DType dtype, int64_t D, int R, int device) {
 // CTAs a portable thread-block cluster may take: kMaxCluster on sm_90, else 1.
 int64_t cluster_limit(int device) { return has_sm90(device) ? kMaxCluster : 1; }
 
-// The top-k kernel's shared memory (64 KB dynamic, more than the default allows; on sm_90 up to
+// The top-k kernel's shared memory (80 KB dynamic, more than the default allows; on sm_90 up to
 // the padded kTopkSpreadSmemBytes) and carveout (all shared memory, so an SM holds as many of a
 // cluster's CTAs as its registers allow), set once per device (`device`, the current one): the
 // result of the first setting.

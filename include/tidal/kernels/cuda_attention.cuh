@@ -251,9 +251,11 @@ struct AttnSmem {
   static constexpr size_t kAlign = kSwizzled ? 1024 : 16;
   static constexpr size_t kBytes = kTileBytes + kStages * kTileTokens * sizeof(int32_t) + (kAlign - 16);
   static_assert(!kSwizzled || D % 64 == 0, "swizzled tiles hold 64-dim halves");
-  // The final cross-warp combine reuses the tiles: kWarps x kTileRows x D floats plus m, l, weight,
-  // and each row's m, l.
-  static_assert((size_t(kWarps) * kTileRows * (D + 3) + 2 * kTileRows) * sizeof(float) <= kTileBytes,
+  // The final cross-warp combine reuses the tiles: kWarps x kTileRows rows of kCombinePitch floats
+  // plus m, l, weight, and each row's m, l. The pitch (D + 8, a multiple of 8 past 32 banks) puts
+  // a half warp's 8-byte stores of 4 rows on 32 distinct banks (a pitch of D: 4-way conflicts).
+  static constexpr int kCombinePitch = D + 8;
+  static_assert((size_t(kWarps) * kTileRows * (kCombinePitch + 3) + 2 * kTileRows) * sizeof(float) <= kTileBytes,
                 "combine buffer must fit in the tile buffers");
   // With select's digit counts (p.hist): kDigitRows x kTopkBins 16-bit counters after the rest.
   static constexpr size_t kDigitBytes = size_t(kDigitRows) * kTopkBins * sizeof(uint16_t);
@@ -600,23 +602,27 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
       if (v >> 16) atomicAdd(hist + 2 * w + 1, static_cast<int>(v >> 16));
     }
   }
-  float* cO = reinterpret_cast<float*>(smem_raw);        // [kWarps][kTileRows][D]
-  float* cM = cO + kWarps * kTileRows * D;               // [kWarps][kTileRows]
+  constexpr int kPitch = Smem::kCombinePitch;
+  float* cO = reinterpret_cast<float*>(smem_raw);        // [kWarps][kTileRows][kPitch]
+  float* cM = cO + kWarps * kTileRows * kPitch;          // [kWarps][kTileRows]
   float* cL = cM + kWarps * kTileRows;                   // [kWarps][kTileRows]
   float* cW = cL + kWarps * kTileRows;                   // [kWarps][kTileRows] weight of each warp
   float* cRow = cW + kWarps * kTileRows;                 // [kTileRows][2]: the row's m and l
+  // Only the CTA's valid rows (decode's 4 of 16 with 4 query heads a KV head).
+  const uint32_t valid_rows = rows - mt * kTileRows < kTileRows ? rows - mt * kTileRows : kTileRows;
   for (int j = 0; j < 2; ++j) {
     const int row = (lane >> 2) + 8 * j;
+    if (row >= static_cast<int>(valid_rows)) continue;
     if ((lane & 3) == 0) {
       cM[warp * kTileRows + row] = m_run[j];
       cL[warp * kTileRows + row] = l_run[j];
     }
     for (int n = 0; n < D / 8; ++n)
-      *reinterpret_cast<float2*>(cO + (warp * kTileRows + row) * D + n * 8 + 2 * (lane & 3)) =
+      *reinterpret_cast<float2*>(cO + (warp * kTileRows + row) * kPitch + n * 8 + 2 * (lane & 3)) =
           make_float2(o[n][2 * j], o[n][2 * j + 1]);
   }
   __syncthreads();
-  if (tid < kTileRows) {
+  if (tid < static_cast<int>(valid_rows)) {
     float m = kNegInf;
     for (int w = 0; w < kWarps; ++w) m = fmaxf(m, cM[w * kTileRows + tid]);
     float l = 0.f;
@@ -629,13 +635,12 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
     cRow[2 * tid + 1] = l;
   }
   __syncthreads();
-  const uint32_t valid_rows = rows - mt * kTileRows < kTileRows ? rows - mt * kTileRows : kTileRows;
   for (uint32_t e = tid; e < valid_rows * D; e += kThreads) {
     const uint32_t row = e / D, d = e % D;  // D is a compile-time constant
     const uint32_t local = mt * kTileRows + row, i = local / Gr;
     const int64_t rid = int64_t(rg * Gr + (local - i * Gr)) * p.S + i;
     float acc = 0.f;
-    for (int w = 0; w < kWarps; ++w) acc += cW[w * kTileRows + row] * cO[(w * kTileRows + row) * D + d];
+    for (int w = 0; w < kWarps; ++w) acc += cW[w * kTileRows + row] * cO[(w * kTileRows + row) * kPitch + d];
     const int64_t slot = (b * p.Hq * p.S + rid) * p.splits + split;
     p.part_o[slot * D + d] = acc;
     if (d == 0) {
@@ -733,11 +738,11 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
 // their top 11 bits (head mode, where p.hist is given: the attention pass counted them, and pass A
 // only loads that histogram); the CTAs sum the cluster's histograms through distributed shared
 // memory, so each knows the bin of the cut key. A second read lists, in position order, the chunk's
-// keys at or above that bin (every possible winner, usually a few hundred) in shared memory. Every
-// CTA then copies the cluster's keys in the cut bin (a few thousand at most, usually) and ranks them
-// on its own with two more radix passes (11 and 10 bits), which give the exact cut key and the
-// lower chunks' winner counts; it writes its winners at its offset in position order, so rows come
-// out sorted. Where a list or the cut-bin copy would overflow, the passes run through the cluster's
+// keys at or above that bin (every possible winner, usually a few hundred) in shared memory, and
+// writes those in the cut bin into every cluster CTA's shared memory. Every CTA then holds the
+// cluster's cut-bin keys (a few thousand at most, usually) and ranks them on its own with two more
+// radix passes (11 and 10 bits), which give the exact cut key and the lower chunks' winner counts;
+// it writes its winners at its offset in position order, so rows come out sorted. Where a list or the cut-bin copy would overflow, the passes run through the cluster's
 // histograms instead, over the list or the re-read keys. Without clusters (sm_80), p.cluster is 1
 // and the "cluster" calls are the CTA's own.
 
@@ -746,6 +751,8 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
 // exits. Every thread calls both, the same number of times. No-ops without clusters.
 __device__ __forceinline__ void cluster_arrive() { TIDAL_SM90_ASM("barrier.cluster.arrive.release.aligned"); }
 __device__ __forceinline__ void cluster_wait() { TIDAL_SM90_ASM("barrier.cluster.wait.acquire.aligned"); }
+// An arrival that orders no memory operation (a barrier that only tells that every CTA has started).
+__device__ __forceinline__ void cluster_arrive_relaxed() { TIDAL_SM90_ASM("barrier.cluster.arrive.relaxed.aligned"); }
 // Both halves at once; without clusters, the CTA's own barrier.
 __device__ __forceinline__ void cluster_barrier() {
 #if TIDAL_SM90
@@ -860,7 +867,7 @@ __device__ __forceinline__ void topk_drop_chunk(const TopkParams& p, float* row0
 
 // Shared memory of the top-k kernel beyond its static part: two histograms (radix passes alternate
 // between them, so a pass never clears one a peer may still be reading), the candidate list and
-// the cluster's cut-bin keys.
+// the cluster's cut-bin keys (a region of kTopkBinCap / cluster a chunk).
 constexpr size_t kTopkSmemBytes =
     2 * kTopkBins * sizeof(int) + kTopkListCap * sizeof(uint2) + kTopkBinCap * sizeof(uint32_t);
 // The same, padded past half of an sm_90 SM's 228 KB: one CTA an SM (TopkParams::spread).
@@ -923,17 +930,15 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   } tmp;
   __shared__ int sh_digit, sh_above;
   __shared__ int sh_counts[2];  // this chunk's candidates above / equal to the cut (peers read them)
-  __shared__ int sh_bin[2];     // this chunk's listed keys in / above pass A's cut bin (peers read them)
+  __shared__ int sh_bin[2];     // this chunk's listed keys in / above pass A's cut bin
+  __shared__ int sh_peer[2][kMaxCluster];  // the same of each chunk of the cluster (each CTA writes its own)
   extern __shared__ __align__(16) unsigned char topk_smem[];
   int* hist = reinterpret_cast<int*>(topk_smem);               // [2][kTopkBins]
   uint2* list = reinterpret_cast<uint2*>(hist + 2 * kTopkBins);  // [kTopkListCap] (key, position)
-  uint32_t* cluster_bin = reinterpret_cast<uint32_t*>(list + kTopkListCap);  // [kTopkBinCap]
+  uint32_t* cluster_bin = reinterpret_cast<uint32_t*>(list + kTopkListCap);  // [kTopkBinCap] (head mode)
 #if !TIDAL_SM90
   if (p.cluster != 1) __trap();  // the host asks for clusters only where the code has them
 #endif
-  wait_for_previous_kernel();
-  let_next_kernel_start();  // head mode's merge runs beside this kernel (merge_splits_kernel)
-
   // Grid: x = selection head x cluster rank (clusters are consecutive x), y = batch row.
   const unsigned cs = static_cast<unsigned>(p.cluster), rank = blockIdx.x % cs;
   const int64_t g = blockIdx.x / cs, b = blockIdx.y;
@@ -949,18 +954,29 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
       for (int64_t t = tid; t < tail; t += kBlock) out[p.top_k - tail + t] = static_cast<int32_t>(row.c1 + t);
     }
   }
+  // The set-up above (the row's length, the slots decided without ranking) touches nothing the
+  // attention pass writes, and the stream's kernels before select's first are done (that kernel
+  // waited for them, as select's tile kernel, which reads the lengths early too, relies on): the
+  // CTA does it before it waits for the attention pass, where it starts early.
+  wait_for_previous_kernel();
+  let_next_kernel_start();  // head mode's merge runs beside this kernel (merge_splits_kernel)
   if (row.trivial) {  // the whole cluster leaves together, before any cluster barrier
     topk_drop_chunk(p, row.row0, rank);
     return;
   }
+  // Head mode's CTAs write into their peers' shared memory before any other cluster barrier: this
+  // one's wait (just before) makes sure every peer has started.
+  const bool group = p.lse != nullptr;
+  if (!group) cluster_arrive_relaxed();
 
   // This CTA's candidates [lo, hi) and the 4-position vectors [v0, v1) covering them (N < 2^31).
   const int t0 = static_cast<int>(rank * p.chunk);
   const int lo = static_cast<int>(row.c0 > t0 ? row.c0 : t0), hi = static_cast<int>(min64(row.c1, t0 + p.chunk));
   const int v0 = lo / 4, v1 = lo < hi ? (hi + 3) / 4 : v0;
-  const bool group = p.lse != nullptr;
-  for (int i = tid; i < 2 * kTopkBins; i += kBlock) hist[i] = 0;
-  __syncthreads();
+  if (p.hist == nullptr) {  // pass A counts into the first histogram, group mode's pass B the second
+    for (int i = tid; i < 2 * kTopkBins; i += kBlock) hist[i] = 0;
+    __syncthreads();
+  }
 
   // Chooses the digit of pass `pass` from the histograms `h` of `peers` CTAs (the cluster's, or 1
   // where each CTA holds the row's) and narrows (prefix, mask, want); want = rank (1-based, from the
@@ -1031,7 +1047,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   const int per_warp = ((v1 - v0 + kWarpsT - 1) / kWarpsT + 31) / 32 * 32;  // vectors, whole rounds
   const int wv0 = v0 + warp * per_warp, wv1 = min(v1, wv0 + per_warp);
   int seg = 0;  // this warp's entries (may pass kSegment: overflow)
-  uint32_t* bin_keys = reinterpret_cast<uint32_t*>(hist + kTopkBins);  // [kTopkBins] (head mode)
+  const int region = kTopkBinCap / static_cast<int>(cs);  // cut-bin keys of a chunk in cluster_bin
   {
     // The hot loop, issue-bound: one compare per position. Head mode compares the raw scores with the
     // cut bin's lowest score (-inf or +inf where the bin lies past them: NaN is listed either way,
@@ -1073,10 +1089,13 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
         }
       seg += __shfl_sync(0xffffffffu, incl, 31);
     }
-    // Head mode: the warp turns its entries into keys, gathers those in the cut bin (`bin_keys`,
-    // over the second histogram) and counts those above it, before the block's barrier (the warp
-    // waits for no other). Group mode's cut bin is wide: its keys are log-probabilities.
+    // Head mode: the warp turns its entries into keys, writes those in the cut bin into this
+    // chunk's region of every cluster CTA's `cluster_bin` (remote stores: no CTA reads a peer's
+    // shared memory, where each read waits a round trip) and counts those above it, before the
+    // block's barrier (the warp waits for no other). Group mode's cut bin is wide: its keys are
+    // log-probabilities.
     if (!group) {
+      cluster_wait();  // every peer has started (the arrival is long past)
       __syncwarp();
       const int n = min(seg, kSegment);  // an overflow spoils the counts: they go unused then
       for (int base = 0; base < n; base += 32) {
@@ -1092,7 +1111,8 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
         if (lane == 0 && in != 0) at = atomicAdd(&sh_bin[0], __popc(in));
         if (lane == 0 && above != 0) atomicAdd(&sh_bin[1], __popc(above));
         at = __shfl_sync(0xffffffffu, at, 0) + __popc(in & ((1u << lane) - 1));
-        if (((in >> lane) & 1) && at < kTopkBins) bin_keys[at] = key;
+        if (((in >> lane) & 1) && at < region)
+          for (unsigned q = 0; q < cs; ++q) cluster_peer(cluster_bin, q)[rank * region + at] = key;
       }
     }
   }
@@ -1107,10 +1127,15 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     overflow |= sh_seg[w] > kSegment;
   }
   const bool use_list = !overflow;  // else (rare: many ties, a huge budget) re-scan the keys
-  // Head mode: the chunk's cut-bin keys and counts are in place (an overflowed list spoils the sum);
-  // the CTA packs its list before it waits for its peers' (one cluster barrier, split around it).
+  // Head mode: the chunk's cut-bin keys are in its peers' regions; its counts go to their sh_peer
+  // (an overflowed list or region spoils the sum). The CTA packs its list before it waits for its
+  // peers' (one cluster barrier, split around it).
   if (!group) {
-    if (!use_list && tid == 0) sh_bin[0] = kTopkBinCap + 1;
+    if (tid < static_cast<int>(cs)) {
+      const int n = use_list && sh_bin[0] <= region ? sh_bin[0] : kTopkBinCap + 1;
+      cluster_peer(&sh_peer[0][0], tid)[rank] = n;
+      cluster_peer(&sh_peer[1][0], tid)[rank] = sh_bin[1];
+    }
     cluster_arrive();
   }
   // Pack the segments into one list: each warp stages its entries in registers, then stores them at
@@ -1128,74 +1153,50 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
       if (at < seg) list[my_offset + at] = staged[i];
     }
   __syncthreads();
-  if (use_list) topk_drop_chunk(p, row.row0, rank);  // the chunk's last read is done
 
-  // Head mode's usual case: each CTA has gathered its listed keys in the cut bin and counted those
-  // above it. After one cluster barrier every CTA copies the cluster's cut-bin keys (`cluster_bin`,
-  // in chunk order) and, done with its peers, ranks them on its own (passes B and C) and counts the
-  // lower chunks' winners from them: one cluster barrier where passes B and C through the shared
-  // histograms and the count exchange take three. Where a chunk's list or the cluster's cut-bin
-  // keys overflow (and in group mode), the whole cluster goes that way instead.
-  __shared__ int sh_peer[2][kMaxCluster];  // each chunk's listed keys in / above the cut bin
-  int n_bin = 0, lower_bin = 0, lower_above = 0;  // the cluster's cut-bin keys; the lower chunks'
+  // Head mode's usual case: after one cluster barrier every CTA holds the cluster's cut-bin keys
+  // (`cluster_bin`, a region a chunk) and the chunks' counts, ranks the keys on its own (passes B
+  // and C) and counts the lower chunks' winners from them: one cluster barrier where passes B and
+  // C through the shared histograms and the count exchange take three. Where a chunk's list or
+  // region overflows (and in group mode), the whole cluster goes that way instead.
+  int n_bin = 0, lower_above = 0;  // the cluster's cut-bin keys; the lower chunks' keys above the bin
   bool gathered = false;
   if (!group) {
     cluster_wait();  // every chunk's cut-bin keys and counts are in place
-    if (tid < static_cast<int>(cs)) {
-      const int* c = cluster_peer(sh_bin, tid);
-      sh_peer[0][tid] = c[0] <= kTopkBins ? c[0] : kTopkBinCap + 1;  // an overflow spoils the sum
-      sh_peer[1][tid] = c[1];
-    }
-    __syncthreads();
     for (unsigned q = 0; q < cs; ++q) {
-      if (q == rank) lower_bin = n_bin;
       if (q < rank) lower_above += sh_peer[1][q];
       n_bin += sh_peer[0][q];
     }
     gathered = n_bin <= kTopkBinCap;
     if (!gathered) {  // the passes below count into the second histogram
-      for (int i = tid; i < kTopkBins; i += kBlock) bin_keys[i] = 0;
+      for (int i = tid; i < kTopkBins; i += kBlock) hist[kTopkBins + i] = 0;
       __syncthreads();
     }
   }
+  // Calls f(key) for the cut-bin keys of chunks [0, chunks), each once in the block.
+  auto for_bin_keys = [&](unsigned chunks, auto f) {
+    for (unsigned q = 0; q < chunks; ++q)
+      for (int j = tid; j < sh_peer[0][q]; j += kBlock) f(cluster_bin[q * region + j]);
+  };
 
   int64_t written = p.sink, eq_seen = 0;  // this chunk's first output slot; lower chunks' cut keys
   if (gathered) {
-    // Copy the cluster's cut-bin keys, kCopy loads in flight a thread, then arrive: no further read
-    // of a peer's shared memory.
-    constexpr int kCopy = 4;
-    for (int base = 0; base < n_bin; base += kCopy * kBlock) {
-      uint32_t k[kCopy];
-#pragma unroll
-      for (int u = 0; u < kCopy; ++u) {
-        int j = base + u * kBlock + tid;  // the j-th key of chunk q
-        unsigned q = 0;
-        while (q + 1 < cs && j >= sh_peer[0][q]) j -= sh_peer[0][q++];
-        k[u] = base + u * kBlock + tid < n_bin ? cluster_peer(bin_keys, q)[j] : 0u;
-      }
-#pragma unroll
-      for (int u = 0; u < kCopy; ++u)
-        if (base + u * kBlock + tid < n_bin) cluster_bin[base + u * kBlock + tid] = k[u];
-    }
-    cluster_arrive();
-    // Passes B and C in this CTA's first histogram (peers read it at pass A, before the barrier).
+    // Passes B and C in this CTA's first histogram (no peer reads it).
     for (int pass = 1; pass < 3; ++pass) {
       const int shift = pass == 1 ? 10 : 0;
       const uint32_t digit_mask = pass == 1 ? 0x7ffu : 0x3ffu;
       for (int i = tid; i < kTopkBins; i += kBlock) hist[i] = 0;
       __syncthreads();
-      for (int i = tid; i < n_bin; i += kBlock) {
-        const uint32_t key = cluster_bin[i];
+      for_bin_keys(cs, [&](uint32_t key) {
         if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1);
-      }
+      });
       choose_digit(hist, shift, digit_mask, 1);
     }
     // The lower chunks' winners: their keys above the bin, and their cut-bin keys above / at the
     // cut, the at-cut ones taken in chunk order while the tie budget `want` lasts. Counts < 2^16
     // (<= kTopkBinCap): above the cut in the high half-word, at it in the low.
     int packed = 0;
-    for (int i = tid; i < lower_bin; i += kBlock)
-      packed += cluster_bin[i] > prefix ? 0x10000 : (cluster_bin[i] == prefix ? 1 : 0);
+    for_bin_keys(rank, [&](uint32_t key) { packed += key > prefix ? 0x10000 : (key == prefix ? 1 : 0); });
     packed = Reduce(tmp.reduce).Sum(packed);
     if (tid == 0) sh_digit = packed;
     __syncthreads();
@@ -1264,6 +1265,9 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     }
     cluster_arrive();  // no peer reads this CTA's shared memory after this
   }
+  // The chunk's last read is long done. Its lines go only now: the cluster arrivals above order
+  // this CTA's memory operations (a GPU-wide fence), and would wait for these.
+  if (use_list) topk_drop_chunk(p, row.row0, rank);
   const uint32_t cut = prefix;
   const int64_t take_eq = want;  // keys equal to the cut to take, lowest positions first
 
@@ -1304,7 +1308,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     __syncthreads();  // every thread's last read of the chunk (the re-scan) is done
     topk_drop_chunk(p, row.row0, rank);
   }
-  cluster_wait();  // the peers are done with this CTA's shared memory
+  if (!gathered) cluster_wait();  // the peers are done with this CTA's shared memory
 }
 
 // correct_kv_attention's first step: copies the S new K/V rows of (b, kv head) into the caches at

@@ -143,8 +143,8 @@ constexpr int kTopkBlock = 512;        // threads of a top-k CTA
 constexpr int kTopkChunk = 16384;      // positions a CTA aims for where rows outnumber the device
 constexpr int kTopkMinChunk = 2048;    // fewest positions a CTA takes (a row's cluster size cap)
 constexpr int kTopkListCap = 4096;     // possible winners a CTA lists in shared memory
-constexpr int kTopkBinCap = 4096;      // cut-bin keys of a whole cluster a CTA copies (64 KB of
-                                       // shared memory in all with the histograms and the list)
+constexpr int kTopkBinCap = 8192;      // cut-bin keys of a whole cluster, each CTA a copy (80 KB
+                                       // of shared memory in all with the histograms and the list)
 constexpr int kMaxCluster = 8;         // the portable cluster size (top-k kernel)
 
 }  // namespace tidal::kernels
