@@ -738,13 +738,14 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
 // their top 11 bits (head mode, where p.hist is given: the attention pass counted them, and pass A
 // only loads that histogram); the CTAs sum the cluster's histograms through distributed shared
 // memory, so each knows the bin of the cut key. A second read lists, in position order, the chunk's
-// keys at or above that bin (every possible winner, usually a few hundred) in shared memory, and
-// writes those in the cut bin into every cluster CTA's shared memory. Every CTA then holds the
+// keys at or above that bin (every possible winner, usually a few hundred) in shared memory; head
+// mode writes those in the cut bin into every cluster CTA's shared memory. Every CTA then holds the
 // cluster's cut-bin keys (a few thousand at most, usually) and ranks them on its own with two more
 // radix passes (11 and 10 bits), which give the exact cut key and the lower chunks' winner counts;
-// it writes its winners at its offset in position order, so rows come out sorted. Where a list or the cut-bin copy would overflow, the passes run through the cluster's
-// histograms instead, over the list or the re-read keys. Without clusters (sm_80), p.cluster is 1
-// and the "cluster" calls are the CTA's own.
+// it writes its winners at its offset in position order, so rows come out sorted. Where a list or a
+// chunk's share of the cut-bin keys would overflow (and in group mode), the passes run through the
+// cluster's histograms instead, over the list or the re-read keys. Without clusters (sm_80),
+// p.cluster is 1 and the "cluster" calls are the CTA's own.
 
 // The two halves of a cluster barrier, for a CTA that is done with its peers' shared memory well
 // before it ends: it arrives then, and waits (so that no peer still reads its own) just before it
