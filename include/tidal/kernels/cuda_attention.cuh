@@ -965,10 +965,12 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     topk_drop_chunk(p, row.row0, rank);
     return;
   }
-  // Head mode's CTAs write into their peers' shared memory before any other cluster barrier: this
-  // one's wait (just before) makes sure every peer has started.
+  // Head mode's CTAs write into their peers' shared memory after listing. Where the attention pass
+  // counted the first digits (p.hist), no cluster barrier comes before that: this one's wait (just
+  // before the writes) makes sure every peer has started. Otherwise pass A's barrier does (a thread
+  // must not arrive twice without waiting in between).
   const bool group = p.lse != nullptr;
-  if (!group) cluster_arrive_relaxed();
+  if (p.hist != nullptr) cluster_arrive_relaxed();
 
   // This CTA's candidates [lo, hi) and the 4-position vectors [v0, v1) covering them (N < 2^31).
   const int t0 = static_cast<int>(rank * p.chunk);
@@ -1096,7 +1098,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     // block's barrier (the warp waits for no other). Group mode's cut bin is wide: its keys are
     // log-probabilities.
     if (!group) {
-      cluster_wait();  // every peer has started (the arrival is long past)
+      if (p.hist != nullptr) cluster_wait();  // every peer has started (the arrival is long past)
       __syncwarp();
       const int n = min(seg, kSegment);  // an overflow spoils the counts: they go unused then
       for (int base = 0; base < n; base += 32) {
