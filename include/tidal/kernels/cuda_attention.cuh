@@ -740,12 +740,13 @@ __global__ void __launch_bounds__(D) merge_splits_kernel(const float* part_o, co
 // memory, so each knows the bin of the cut key. A second read lists, in position order, the chunk's
 // keys at or above that bin (every possible winner, usually a few hundred) in shared memory; head
 // mode writes those in the cut bin into every cluster CTA's shared memory. Every CTA then holds the
-// cluster's cut-bin keys (a few thousand at most, usually) and ranks them on its own with two more
-// radix passes (11 and 10 bits), which give the exact cut key and the lower chunks' winner counts;
-// it writes its winners at its offset in position order, so rows come out sorted. Where a list or a
-// chunk's share of the cut-bin keys would overflow (and in group mode), the passes run through the
-// cluster's histograms instead, over the list or the re-read keys. Without clusters (sm_80),
-// p.cluster is 1 and the "cluster" calls are the CTA's own.
+// cluster's cut-bin keys (a few thousand at most, usually) and ranks them on its own: one more
+// radix pass (11 bits) leaves a few keys, which one warp ranks (a 10-bit pass where more than 32
+// are left, as with ties); that gives the exact cut key and the lower chunks' winner counts. Each
+// warp writes its part of the list's winners at its offset in position order, so rows come out
+// sorted. Where a list or a chunk's share of the cut-bin keys would overflow (and in group mode),
+// the passes run through the cluster's histograms instead, over the list or the re-read keys.
+// Without clusters (sm_80), p.cluster is 1 and the "cluster" calls are the CTA's own.
 
 // The two halves of a cluster barrier, for a CTA that is done with its peers' shared memory well
 // before it ends: it arrives then, and waits (so that no peer still reads its own) just before it
@@ -933,6 +934,8 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   __shared__ int sh_counts[2];  // this chunk's candidates above / equal to the cut (peers read them)
   __shared__ int sh_bin[2];     // this chunk's listed keys in / above pass A's cut bin
   __shared__ int sh_peer[2][kMaxCluster];  // the same of each chunk of the cluster (each CTA writes its own)
+  __shared__ uint2 sh_cand[32];             // head mode: the cut-bin keys left after pass B (key, chunk)
+  __shared__ int sh_ncand, sh_lower_gt;     // their number; the lower chunks' cut-bin keys above them
   extern __shared__ __align__(16) unsigned char topk_smem[];
   int* hist = reinterpret_cast<int*>(topk_smem);               // [2][kTopkBins]
   uint2* list = reinterpret_cast<uint2*>(hist + 2 * kTopkBins);  // [kTopkListCap] (key, position)
@@ -955,10 +958,15 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
       for (int64_t t = tid; t < tail; t += kBlock) out[p.top_k - tail + t] = static_cast<int32_t>(row.c1 + t);
     }
   }
-  // The set-up above (the row's length, the slots decided without ranking) touches nothing the
-  // attention pass writes, and the stream's kernels before select's first are done (that kernel
-  // waited for them, as select's tile kernel, which reads the lengths early too, relies on): the
-  // CTA does it before it waits for the attention pass, where it starts early.
+  // The histograms the passes count into start at zero (head mode with the attention pass's digit
+  // counts loads the first, after the wait).
+  static_assert(kTopkBins % 4 == 0, "histograms are zeroed 16 bytes a store");
+  for (int i = tid + (p.hist != nullptr ? kTopkBins / 4 : 0); i < 2 * kTopkBins / 4; i += kBlock)
+    reinterpret_cast<int4*>(hist)[i] = make_int4(0, 0, 0, 0);
+  // The set-up above (the row's length, the slots decided without ranking, the histograms) touches
+  // nothing the attention pass writes, and the stream's kernels before select's first are done (that
+  // kernel waited for them, as select's tile kernel, which reads the lengths early too, relies on):
+  // the CTA does it before it waits for the attention pass, where it starts early.
   wait_for_previous_kernel();
   let_next_kernel_start();  // head mode's merge runs beside this kernel (merge_splits_kernel)
   if (row.trivial) {  // the whole cluster leaves together, before any cluster barrier
@@ -976,10 +984,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   const int t0 = static_cast<int>(rank * p.chunk);
   const int lo = static_cast<int>(row.c0 > t0 ? row.c0 : t0), hi = static_cast<int>(min64(row.c1, t0 + p.chunk));
   const int v0 = lo / 4, v1 = lo < hi ? (hi + 3) / 4 : v0;
-  if (p.hist == nullptr) {  // pass A counts into the first histogram, group mode's pass B the second
-    for (int i = tid; i < 2 * kTopkBins; i += kBlock) hist[i] = 0;
-    __syncthreads();
-  }
+  if (p.hist == nullptr) __syncthreads();  // the zeroed histogram pass A counts into
 
   // Chooses the digit of pass `pass` from the histograms `h` of `peers` CTAs (the cluster's, or 1
   // where each CTA holds the row's) and narrows (prefix, mask, want); want = rank (1-based, from the
@@ -1039,12 +1044,12 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
       }
     }
   }
-  if (tid == 0) sh_bin[0] = sh_bin[1] = 0;  // counted into while listing (choose_digit syncs)
+  if (tid == 0) sh_bin[0] = sh_bin[1] = sh_ncand = sh_lower_gt = 0;  // counted into later (choose_digit syncs)
   choose_digit(hist, 21, 0x7ffu, p.hist != nullptr ? 1u : cs);
 
   // The list: every key of this chunk at or above pass A's cut bin (all possible winners), in
   // position order. Warp w lists its own 1/kWarpsT of the chunk into its own segment (ballot
-  // compaction, no block barrier); the segments are then packed into one list.
+  // compaction, no block barrier), and later passes read each warp's segment where it lies.
   constexpr int kWarpsT = kBlock / 32, kSegment = kTopkListCap / kWarpsT;
   const int warp = tid / 32, lane = tid % 32;
   const int per_warp = ((v1 - v0 + kWarpsT - 1) / kWarpsT + 31) / 32 * 32;  // vectors, whole rounds
@@ -1122,17 +1127,17 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   __shared__ int sh_seg[kWarpsT];
   if (lane == 0) sh_seg[warp] = seg;
   __syncthreads();
-  int listed = 0, my_offset = 0;
   bool overflow = false;
-  for (int w = 0; w < kWarpsT; ++w) {
-    if (w == warp) my_offset = listed;
-    listed += sh_seg[w];
-    overflow |= sh_seg[w] > kSegment;
-  }
+  for (int w = 0; w < kWarpsT; ++w) overflow |= sh_seg[w] > kSegment;
   const bool use_list = !overflow;  // else (rare: many ties, a huge budget) re-scan the keys
+  // The list stays in the warps' segments (each in position order, the warps in order): every
+  // later pass over it reads the warp's own, and the ordered write needs one count per warp.
+  const uint2* my_list = list + warp * kSegment;
+  auto for_my_entries = [&](auto f) {
+    for (int i = lane; i < seg; i += 32) f(my_list[i]);
+  };
   // Head mode: the chunk's cut-bin keys are in its peers' regions; its counts go to their sh_peer
-  // (an overflowed list or region spoils the sum). The CTA packs its list before it waits for its
-  // peers' (one cluster barrier, split around it).
+  // (an overflowed list or region spoils the sum).
   if (!group) {
     if (tid < static_cast<int>(cs)) {
       const int n = use_list && sh_bin[0] <= region ? sh_bin[0] : kTopkBinCap + 1;
@@ -1141,27 +1146,12 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     }
     cluster_arrive();
   }
-  // Pack the segments into one list: each warp stages its entries in registers, then stores them at
-  // its offset once every warp has read.
-  uint2 staged[kSegment / 32];
-  if (!overflow)
-    for (int i = 0; i < kSegment / 32; ++i) {
-      const int at = lane + 32 * i;
-      staged[i] = at < seg ? list[warp * kSegment + at] : make_uint2(0, 0);
-    }
-  __syncthreads();
-  if (!overflow)
-    for (int i = 0; i < kSegment / 32; ++i) {
-      const int at = lane + 32 * i;
-      if (at < seg) list[my_offset + at] = staged[i];
-    }
-  __syncthreads();
 
   // Head mode's usual case: after one cluster barrier every CTA holds the cluster's cut-bin keys
-  // (`cluster_bin`, a region a chunk) and the chunks' counts, ranks the keys on its own (passes B
-  // and C) and counts the lower chunks' winners from them: one cluster barrier where passes B and
-  // C through the shared histograms and the count exchange take three. Where a chunk's list or
-  // region overflows (and in group mode), the whole cluster goes that way instead.
+  // (`cluster_bin`, a region a chunk) and the chunks' counts, ranks the keys on its own (pass B, then
+  // one warp or pass C) and counts the lower chunks' winners from them: one cluster barrier where
+  // passes B and C through the shared histograms and the count exchange take three. Where a chunk's
+  // list or region overflows (and in group mode), the whole cluster goes that way instead.
   int n_bin = 0, lower_above = 0;  // the cluster's cut-bin keys; the lower chunks' keys above the bin
   bool gathered = false;
   if (!group) {
@@ -1176,36 +1166,74 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
       __syncthreads();
     }
   }
-  // Calls f(key) for the cut-bin keys of chunks [0, chunks), each once in the block.
+  // Calls f(key, chunk) for the cut-bin keys of chunks [0, chunks), each once in the block.
   auto for_bin_keys = [&](unsigned chunks, auto f) {
     for (unsigned q = 0; q < chunks; ++q)
-      for (int j = tid; j < sh_peer[0][q]; j += kBlock) f(cluster_bin[q * region + j]);
+      for (int j = tid; j < sh_peer[0][q]; j += kBlock) f(cluster_bin[q * region + j], q);
   };
 
   int64_t written = p.sink, eq_seen = 0;  // this chunk's first output slot; lower chunks' cut keys
   if (gathered) {
-    // Passes B and C in this CTA's first histogram (no peer reads it).
-    for (int pass = 1; pass < 3; ++pass) {
-      const int shift = pass == 1 ? 10 : 0;
-      const uint32_t digit_mask = pass == 1 ? 0x7ffu : 0x3ffu;
+    // Pass B (11 more bits) in this CTA's second histogram, zeroed at the start (no peer reads it).
+    int* second = hist + kTopkBins;
+    for_bin_keys(cs, [&](uint32_t key, unsigned) {
+      if ((key & mask) == prefix) atomicAdd(&second[(key >> 10) & 0x7ffu], 1);
+    });
+    choose_digit(second, 10, 0x7ffu, 1);
+    // Pass C: the cut-bin keys spread over pass B's 2048 bins, so few match the 22 bits chosen so
+    // far. Up to 32 of them are collected (key, chunk) for one warp to rank; the lower chunks' keys
+    // above those bits are counted on the way.
+    int lower_gt = 0;
+    for_bin_keys(cs, [&](uint32_t key, unsigned q) {
+      if ((key & mask) == prefix) {
+        const int at = atomicAdd(&sh_ncand, 1);
+        if (at < 32) sh_cand[at] = make_uint2(key, q);
+      }
+      lower_gt += q < rank && (key & mask) > prefix ? 1 : 0;
+    });
+    lower_gt = __reduce_add_sync(0xffffffffu, lower_gt);
+    if (lane == 0 && lower_gt > 0) atomicAdd(&sh_lower_gt, lower_gt);
+    __syncthreads();
+    const int n_cand = sh_ncand;
+    if (n_cand <= 32) {
+      // Every warp ranks them alike (no barrier after): lane i's key is the cut where fewer than
+      // `want` keys lie above it and at least `want` at or above it.
+      const bool valid = lane < n_cand;
+      const uint2 c = valid ? sh_cand[lane] : make_uint2(0, 0);
+      int gt = 0, ge = 0;
+      for (int j = 0; j < n_cand; ++j) {
+        const uint32_t other = __shfl_sync(0xffffffffu, c.x, j);
+        gt += other > c.x ? 1 : 0;
+        ge += other >= c.x ? 1 : 0;
+      }
+      const int src = __ffs(__ballot_sync(0xffffffffu, valid && gt < want && ge >= want)) - 1;
+      const uint32_t cut = __shfl_sync(0xffffffffu, c.x, src);
+      want -= __shfl_sync(0xffffffffu, gt, src);
+      const bool lower = valid && c.y < rank;
+      eq_seen = __popc(__ballot_sync(0xffffffffu, lower && c.x == cut));
+      written += lower_above + sh_lower_gt + __popc(__ballot_sync(0xffffffffu, lower && c.x > cut)) +
+                 min64(eq_seen, want);
+      prefix = cut;
+      mask = 0xffffffffu;
+    } else {  // many equal keys: pass C by histogram, then the lower chunks' winners
       for (int i = tid; i < kTopkBins; i += kBlock) hist[i] = 0;
       __syncthreads();
-      for_bin_keys(cs, [&](uint32_t key) {
-        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & digit_mask], 1);
+      for_bin_keys(cs, [&](uint32_t key, unsigned) {
+        if ((key & mask) == prefix) atomicAdd(&hist[key & 0x3ffu], 1);
       });
-      choose_digit(hist, shift, digit_mask, 1);
+      choose_digit(hist, 0, 0x3ffu, 1);
+      // Their keys above the bin, and their cut-bin keys above / at the cut, the at-cut ones taken
+      // in chunk order while the tie budget `want` lasts. Counts < 2^16 (<= kTopkBinCap): above the
+      // cut in the high half-word, at it in the low.
+      int packed = 0;
+      for_bin_keys(rank, [&](uint32_t key, unsigned) { packed += key > prefix ? 0x10000 : (key == prefix ? 1 : 0); });
+      packed = Reduce(tmp.reduce).Sum(packed);
+      if (tid == 0) sh_digit = packed;
+      __syncthreads();
+      packed = sh_digit;
+      eq_seen = packed & 0xffff;
+      written += lower_above + (packed >> 16) + min64(eq_seen, want);
     }
-    // The lower chunks' winners: their keys above the bin, and their cut-bin keys above / at the
-    // cut, the at-cut ones taken in chunk order while the tie budget `want` lasts. Counts < 2^16
-    // (<= kTopkBinCap): above the cut in the high half-word, at it in the low.
-    int packed = 0;
-    for_bin_keys(rank, [&](uint32_t key) { packed += key > prefix ? 0x10000 : (key == prefix ? 1 : 0); });
-    packed = Reduce(tmp.reduce).Sum(packed);
-    if (tid == 0) sh_digit = packed;
-    __syncthreads();
-    packed = sh_digit;
-    eq_seen = packed & 0xffff;
-    written += lower_above + (packed >> 16) + min64(eq_seen, want);
   } else {
     // Passes B and C (11 and 10 more bits) through the cluster's histograms, over the listed keys
     // matching the prefix (or all keys again, where the list overflowed).
@@ -1218,8 +1246,9 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
         __syncthreads();
       }
       if (use_list) {
-        for (int i = tid; i < listed; i += kBlock)
-          if ((list[i].x & mask) == prefix) atomicAdd(&h[(list[i].x >> shift) & digit_mask], 1);
+        for_my_entries([&](uint2 e) {
+          if ((e.x & mask) == prefix) atomicAdd(&h[(e.x >> shift) & digit_mask], 1);
+        });
       } else {
         for (int vb = v0; vb < v1; vb += kBlock) {
           const int v = vb + tid;
@@ -1238,10 +1267,10 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
     // chunks' counts.
     int n_gt = 0, n_eq = 0;
     if (use_list) {
-      for (int i = tid; i < listed; i += kBlock) {
-        n_gt += list[i].x > prefix ? 1 : 0;
-        n_eq += list[i].x == prefix ? 1 : 0;
-      }
+      for_my_entries([&](uint2 e) {
+        n_gt += e.x > prefix ? 1 : 0;
+        n_eq += e.x == prefix ? 1 : 0;
+      });
     } else {
       for (int v = v0 + tid; v < v1; v += kBlock) {
         const uint4 k = topk_keys4(row.row0, group, v);
@@ -1274,24 +1303,35 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   const uint32_t cut = prefix;
   const int64_t take_eq = want;  // keys equal to the cut to take, lowest positions first
 
-  // The ordered write, kItems entries (list) or positions (re-scan) per thread and round.
-  constexpr int kItems = 4;
+  // The ordered write. From the list: each warp writes its segment's winners in order after the
+  // lower warps' (one count a warp, one barrier). An entry equal to the cut is taken where fewer
+  // than take_eq equal keys of the row lie before it; its slot counts those taken before it.
   if (use_list) {
-    for (int round = 0; round < listed; round += kBlock * kItems) {
-      uint32_t k[kItems];
-      int32_t pos[kItems];
-      bool ok[kItems];
-#pragma unroll
-      for (int i = 0; i < kItems; ++i) {
-        const int at = round + tid * kItems + i;
-        ok[i] = at < listed;
-        const uint2 entry = ok[i] ? list[at] : make_uint2(0, 0);
-        k[i] = entry.x;
-        pos[i] = static_cast<int32_t>(entry.y);
-      }
-      topk_write_round<kBlock, kItems, Scan>(tmp.scan, k, pos, ok, cut, take_eq, eq_seen, written, out);
+    __shared__ int sh_warp_won[kWarpsT];  // a warp's entries above (low half-word) / at the cut
+    static_assert(kWarpsT <= 32 && kTopkListCap < (1 << 16), "one lane a warp; sums fit 16 bits");
+    int won = 0;
+    for_my_entries([&](uint2 e) { won += e.x > cut ? 1 : (e.x == cut ? 0x10000 : 0); });
+    won = __reduce_add_sync(0xffffffffu, won);
+    if (lane == 0) sh_warp_won[warp] = won;
+    __syncthreads();
+    const int before = __reduce_add_sync(0xffffffffu, lane < warp ? sh_warp_won[lane] : 0);
+    int64_t gt_before = before & 0xffff, eq_before = eq_seen + (before >> 16);  // eq: the row's
+    const int64_t eq_lower = min64(eq_seen, take_eq);  // the lower chunks' (in `written` already)
+    const unsigned lower_lanes = (1u << lane) - 1;
+    for (int base = 0; base < seg; base += 32) {
+      const int i = base + lane;
+      const uint2 e = i < seg ? my_list[i] : make_uint2(0u, 0u);
+      const bool gt = i < seg && e.x > cut, eq = i < seg && e.x == cut;
+      const unsigned gts = __ballot_sync(0xffffffffu, gt), eqs = __ballot_sync(0xffffffffu, eq);
+      const int64_t eq_rank = eq_before + __popc(eqs & lower_lanes);
+      if (gt || (eq && eq_rank < take_eq))
+        out[written + gt_before + __popc(gts & lower_lanes) + min64(eq_rank, take_eq) - eq_lower] =
+            static_cast<int32_t>(e.y);
+      gt_before += __popc(gts);
+      eq_before += __popc(eqs);
     }
-  } else {
+  } else {  // re-scan: kItems positions a thread and round, a block scan each
+    constexpr int kItems = 4;
     for (int vb = v0; vb < v1; vb += kBlock) {
       const int v = vb + tid;
       const uint4 x = v < v1 ? topk_keys4(row.row0, group, v) : make_uint4(0, 0, 0, 0);
