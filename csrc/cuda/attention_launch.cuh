@@ -48,9 +48,10 @@ struct Launch {
 template <typename T, int D>
 cudaError_t launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_t stream, bool behind_topk = false) {
   const Launch l(dim3(static_cast<unsigned>(p.B * p.Hq * p.S)), D, 0, stream, 1, p.sm90);
+  const float* done = behind_topk ? p.done : nullptr;
   return cudaLaunchKernelEx(&l.config, behind_topk ? merge_splits_kernel<T, D, true> : merge_splits_kernel<T, D, false>,
                             static_cast<const float*>(p.part_o), static_cast<const float*>(p.part_ml), p.splits,
-                            static_cast<T*>(out), lse);
+                            static_cast<T*>(out), lse, done, static_cast<float>(p.tile_ctas()));
 }
 
 // The tile kernel's CTA in the code the device runs (sm90 = p.sm90: sm_90 code): its threads and
@@ -125,7 +126,7 @@ cudaError_t launch_tile(const AttnParams& p, const KvMaps& maps, cudaStream_t st
   // Row tiles in x (up to 2^31 - 1: a long correct_kv chunk has S * G / 16 tiles per KV head), the
   // splits (<= kMaxSplits) in y, the batch (<= 65535, checked by the torch-side launcher) in z.
   const dim3 grid(static_cast<unsigned>(p.row_groups() * p.m_tiles()), static_cast<unsigned>(p.splits),
-                  static_cast<unsigned>(p.B));
+                  static_cast<unsigned>(p.B));  // p.tile_ctas() in all
   // select's (head mode) starts early behind its histogram's zero fill (launch_zero_fill).
   const Launch l(grid, cta.threads, p.hist != nullptr ? cta.smem_digits : cta.smem, stream, 1,
                  p.sm90 && p.hist != nullptr);

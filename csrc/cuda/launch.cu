@@ -97,6 +97,9 @@ int64_t gather_capacity(DType dtype, int64_t D, int R, int device) {
 // CTAs a portable thread-block cluster may take: kMaxCluster on sm_90, else 1.
 int64_t cluster_limit(int device) { return has_sm90(device) ? kMaxCluster : 1; }
 
+// The top-k kernel's dynamic shared memory: padded to one CTA an SM where `spread`.
+size_t topk_smem_bytes(bool spread) { return spread ? kTopkSpreadSmemBytes : kTopkSmemBytes; }
+
 // The top-k kernel's shared memory (80 KB dynamic, more than the default allows; on sm_90 up to
 // the padded kTopkSpreadSmemBytes) and carveout (all shared memory, so an SM holds as many of a
 // cluster's CTAs as its registers allow), set once per device (`device`, the current one): the
@@ -104,7 +107,7 @@ int64_t cluster_limit(int device) { return has_sm90(device) ? kMaxCluster : 1; }
 cudaError_t topk_set_attributes(int device) {
   const int result = cached_per_device<1>(device, 0, [&] {
     const auto kernel = topk_kernel<kTopkBlock>;
-    const size_t smem = has_sm90(device) ? kTopkSpreadSmemBytes : kTopkSmemBytes;
+    const size_t smem = topk_smem_bytes(has_sm90(device));
     cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
     if (err == cudaSuccess)
       err = cudaFuncSetAttribute(kernel, cudaFuncAttributePreferredSharedMemoryCarveout, cudaSharedmemCarveoutMaxShared);
@@ -117,8 +120,7 @@ cudaError_t topk_set_attributes(int device) {
 // per device, size and spread).
 int64_t topk_active_clusters(int device, int cs, bool spread) {
   return cached_per_device<2 * (kMaxCluster + 1)>(device, cs + (spread ? kMaxCluster + 1 : 0), [&] {
-    const Launch l(dim3(static_cast<unsigned>(cs)), kTopkBlock, spread ? kTopkSpreadSmemBytes : kTopkSmemBytes,
-                   nullptr, cs, false);
+    const Launch l(dim3(static_cast<unsigned>(cs)), kTopkBlock, topk_smem_bytes(spread), nullptr, cs, false);
     int n = 0;
     if (topk_set_attributes(device) != cudaSuccess ||
         cudaOccupancyMaxActiveClusters(&n, topk_kernel<kTopkBlock>, &l.config) != cudaSuccess)
@@ -146,16 +148,18 @@ void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int d
 }
 
 bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device) {
-  return p.rows_per_cta_group() <= kDigitRows && p.chunk <= kDigitMaxCount && digits_keep_occupancy(dtype, D, device);
+  return p.rows_per_cta_group() <= kDigitRows && p.chunk <= kDigitMaxCount && p.N <= kExactFloatCount &&
+         p.tile_ctas() <= kExactFloatCount && digits_keep_occupancy(dtype, D, device);
 }
 
-const char* launch_zero_fill(int* dst, int64_t ints, bool early, void* stream) {
-  const int64_t n = ints / 4;
-  if (n == 0) return nullptr;
+const char* launch_zero_fill(float* dst, int64_t n, bool early, void* stream) {
+  const int64_t vectors = n / 4;
+  if (vectors == 0) return nullptr;
   constexpr int kThreads = 256;
-  const int64_t ctas = std::min<int64_t>((n + kThreads - 1) / kThreads, 1024);
+  const int64_t ctas = std::min<int64_t>((vectors + kThreads - 1) / kThreads, 1024);
   const Launch l(dim3(static_cast<unsigned>(ctas)), kThreads, 0, static_cast<cudaStream_t>(stream), 1, early);
-  const cudaError_t err = cudaLaunchKernelEx(&l.config, zero_fill_kernel<int4>, reinterpret_cast<int4*>(dst), n);
+  const cudaError_t err =
+      cudaLaunchKernelEx(&l.config, zero_fill_kernel<float4>, reinterpret_cast<float4*>(dst), vectors);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
@@ -233,8 +237,7 @@ const char* launch_topk(const TopkParams& p, void* stream) {
   // Selection heads x cluster ranks in x (<= 2^31 - 1), the batch in y (<= 65535): both checked by
   // the launcher.
   const Launch l(dim3(static_cast<unsigned>(p.Hsel * p.cluster), static_cast<unsigned>(p.B)), kTopkBlock,
-                 p.spread ? kTopkSpreadSmemBytes : kTopkSmemBytes, static_cast<cudaStream_t>(stream), p.cluster,
-                 p.sm90);
+                 topk_smem_bytes(p.spread), static_cast<cudaStream_t>(stream), p.cluster, p.sm90);
   const cudaError_t err = cudaLaunchKernelEx(&l.config, topk_kernel<kTopkBlock>, p);
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

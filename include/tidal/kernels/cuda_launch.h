@@ -17,14 +17,14 @@ enum class DType { Half, BFloat16 };
 void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int device);
 
 // Whether select's tile kernel can count the top-k's first digits for p (planned, head mode; p.hist
-// then a zeroed [B, Hq, kTopkBins] histogram): a CTA's rows fit the counters, its chunk the 16-bit
-// counts, and the counters' shared memory costs no occupancy.
+// then a zeroed select_workspace_floats): a CTA's rows fit the counters, its chunk the 16-bit counts,
+// a row and the grid the float counts, and the counters' shared memory costs no occupancy.
 bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device);
 
-// Zeroes `ints` ints at `dst` (a multiple of 4, 16-byte aligned): select's first-digit histogram,
+// Zeroes `n` floats at `dst` (a multiple of 4, 16-byte aligned): select's first-digit histogram,
 // right before launch_attention, which then starts early and waits for the fill only where it adds
 // its counts. `early` (the planned p.sm90): the fill itself starts early behind the previous kernel.
-const char* launch_zero_fill(int* dst, int64_t ints, bool early, void* stream);
+const char* launch_zero_fill(float* dst, int64_t n, bool early, void* stream);
 
 // Attention (with p.part_o / p.part_ml allocated for p.splits) then the merge into `out`
 // (contiguous [B, Hq, S, D] of dtype); lse (optional, [B * Hq * S] fp32) receives each row's logsumexp.

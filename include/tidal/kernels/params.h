@@ -27,9 +27,18 @@ TIDAL_HOST_DEVICE constexpr int64_t forced_tail(int64_t recent) { return recent 
 
 constexpr int kTopkBins = 2048;  // top-k radix digits of 11, 11 and 10 bits
 // select (head mode): the tile kernel counts the top-k's first digits of up to kDigitRows query rows
-// a CTA in 16-bit shared-memory counters, so a CTA takes at most kDigitMaxCount positions.
+// a CTA in 16-bit shared-memory counters, so a CTA takes at most kDigitMaxCount positions. It adds
+// them into the row's histogram as floats (a vector reduction adds 4 bins), exact up to
+// kExactFloatCount positions a row.
 constexpr int kDigitRows = 4;
 constexpr int64_t kDigitMaxCount = 65535;
+constexpr int64_t kExactFloatCount = int64_t(1) << 24;
+// Where it does, select's workspace is those histograms ([B, Hq, kTopkBins] floats) and then the
+// number of tile CTAs done, a float as well (at most kExactFloatCount CTAs), padded to 4 floats.
+TIDAL_HOST_DEVICE constexpr int64_t select_hist_floats(int64_t B, int64_t Hq) { return B * Hq * kTopkBins; }
+TIDAL_HOST_DEVICE constexpr int64_t select_workspace_floats(int64_t B, int64_t Hq) {
+  return select_hist_floats(B, Hq) + 4;
+}
 
 // One query per sequence against a [B, Hkv, N, D] KV cache (last dim contiguous).
 struct DecodeParams {
@@ -115,7 +124,8 @@ struct AttnParams {
   float scale = 1.f;
   float* scores = nullptr;  // [B, Hq, scores_ld]: scale * q.k of valid positions, -inf or unset past them (select only)
   int64_t scores_ld = 0;    // row pitch of scores: N rounded up to a multiple of 32 (128-byte lines)
-  int* hist = nullptr;      // [B, Hq, kTopkBins], zeroed (select, head mode, digits_fit): first-digit counts
+  float* hist = nullptr;    // [B, Hq, kTopkBins], zeroed (select, head mode, digits_fit): first-digit counts
+  float* done = nullptr;    // with hist (right after it), zeroed: the tile CTAs done (count_done)
   int64_t sink = 0, tail = 1;  // top-k candidates [sink, L - tail), tail = forced_tail(recent) (select, head mode)
   float* part_o = nullptr;  // [B, Hq * S, splits, D]
   float* part_ml = nullptr; // [B, Hq * S, splits, 2]: running max m and sum l
@@ -123,13 +133,15 @@ struct AttnParams {
   TIDAL_HOST_DEVICE int64_t row_groups() const { return Hq / rows_per_group; }
   TIDAL_HOST_DEVICE int64_t rows_per_cta_group() const { return S * rows_per_group; }
   TIDAL_HOST_DEVICE int64_t m_tiles() const { return (rows_per_cta_group() + kTileRows - 1) / kTileRows; }
+  TIDAL_HOST_DEVICE int64_t tile_ctas() const { return B * row_groups() * m_tiles() * splits; }  // the grid
 };
 
 struct TopkParams {
   float* scores = nullptr;      // [B, Hq, ld] raw scores, dead after the kernel (it drops their L2 lines)
   int64_t ld = 0;               // row pitch, a multiple of 4 (32: the lines are dropped)
   const float* lse = nullptr;   // [B, Hq] (group mode)
-  const int* hist = nullptr;    // [B, Hq, kTopkBins] (head mode): the attention pass's first-digit counts
+  const float* hist = nullptr;  // [B, Hq, kTopkBins] (head mode): the attention pass's first-digit counts,
+                                // then its done count (select_workspace_floats)
   const int32_t* seq_lens = nullptr;
   int32_t* indices = nullptr;   // [B, Hsel, top_k]
   int64_t B = 0, Hq = 0, Hsel = 0, N = 0, top_k = 0, sink = 0, recent = 0;
@@ -137,6 +149,7 @@ struct TopkParams {
   bool sm90 = false;            // device and code are sm_90+: early (programmatic) launch
   bool spread = false;          // one CTA an SM (padded shared memory, sm_90)
   int64_t chunk = 0;            // positions per CTA, a multiple of 4 (32: the lines are dropped)
+  int done_target = 0;          // with hist: the tile CTAs whose done count to wait for (count_done), else 0
 };
 
 constexpr int kTopkBlock = 512;        // threads of a top-k CTA
