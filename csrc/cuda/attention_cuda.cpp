@@ -163,7 +163,6 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   if (!group && kc::digits_fit(p, c.dtype, D, q.get_device())) {
     hist = at::empty({kernels::select_workspace_floats(p.B, p.Hq)}, f32);
     p.hist = hist.data_ptr<float>();
-    p.done = p.hist + kernels::select_hist_floats(p.B, p.Hq);
     check_launch(op, kc::launch_zero_fill(p.hist, hist.numel(), p.sm90, current_stream(q)));
     p.sink = sink;
     p.tail = kernels::forced_tail(recent);
@@ -175,7 +174,7 @@ std::tuple<at::Tensor, at::Tensor> select_attention(const at::Tensor& q, const a
   t.scores = scores.data_ptr<float>();
   t.lse = group ? lse.data_ptr<float>() : nullptr;
   t.hist = p.hist;
-  t.done_target = p.done != nullptr ? static_cast<int>(p.tile_ctas()) : 0;
+  t.done_target = p.hist != nullptr ? static_cast<int>(p.tile_ctas()) : 0;
   t.seq_lens = p.seq_lens;
   t.indices = indices.data_ptr<int32_t>();
   t.ld = p.scores_ld;

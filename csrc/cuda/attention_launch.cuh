@@ -48,7 +48,7 @@ struct Launch {
 template <typename T, int D>
 cudaError_t launch_merge(const AttnParams& p, void* out, float* lse, cudaStream_t stream, bool behind_topk = false) {
   const Launch l(dim3(static_cast<unsigned>(p.B * p.Hq * p.S)), D, 0, stream, 1, p.sm90);
-  const float* done = behind_topk ? p.done : nullptr;
+  const float* done = behind_topk && p.hist != nullptr ? select_done_count(p.hist, p.B, p.Hq) : nullptr;
   return cudaLaunchKernelEx(&l.config, behind_topk ? merge_splits_kernel<T, D, true> : merge_splits_kernel<T, D, false>,
                             static_cast<const float*>(p.part_o), static_cast<const float*>(p.part_ml), p.splits,
                             static_cast<T*>(out), lse, done, static_cast<float>(p.tile_ctas()));

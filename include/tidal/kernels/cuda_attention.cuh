@@ -678,9 +678,9 @@ __global__ void __launch_bounds__(tile_threads(D, TIDAL_SM90))
       p.part_ml[slot * 2 + 1] = cRow[2 * row + 1];
     }
   }
-  if (p.done != nullptr) {
+  if (p.hist != nullptr) {
     __syncthreads();  // every thread's writes are in (the release is cumulative over the barrier)
-    if (tid == 0) count_done(p.done);
+    if (tid == 0) count_done(select_done_count(p.hist, p.B, p.Hq));
   }
 }
 
@@ -1004,7 +1004,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   // kernel waited for them, as select's tile kernel, which reads the lengths early too, relies on):
   // the CTA does it before it waits for the attention pass, where it starts early.
   if (p.done_target > 0)
-    wait_for_count(p.hist + select_hist_floats(p.B, p.Hq), static_cast<float>(p.done_target));
+    wait_for_count(select_done_count(p.hist, p.B, p.Hq), static_cast<float>(p.done_target));
   else
     wait_for_previous_kernel();
   let_next_kernel_start();  // head mode's merge runs beside this kernel (merge_splits_kernel)

@@ -21,7 +21,7 @@ void plan_splits(AttnParams& p, DType dtype, int64_t D, int64_t positions, int d
 // a row and the grid the float counts, and the counters' shared memory costs no occupancy.
 bool digits_fit(const AttnParams& p, DType dtype, int64_t D, int device);
 
-// Zeroes `n` floats at `dst` (a multiple of 4, 16-byte aligned): select's first-digit histogram,
+// Zeroes `n` floats at `dst` (a multiple of 4, 16-byte aligned): select's workspace (histograms, done count),
 // right before launch_attention, which then starts early and waits for the fill only where it adds
 // its counts. `early` (the planned p.sm90): the fill itself starts early behind the previous kernel.
 const char* launch_zero_fill(float* dst, int64_t n, bool early, void* stream);

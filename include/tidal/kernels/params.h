@@ -39,6 +39,11 @@ TIDAL_HOST_DEVICE constexpr int64_t select_hist_floats(int64_t B, int64_t Hq) { 
 TIDAL_HOST_DEVICE constexpr int64_t select_workspace_floats(int64_t B, int64_t Hq) {
   return select_hist_floats(B, Hq) + 4;
 }
+// The done count in the workspace `hist` (float or const float).
+template <typename F>
+TIDAL_HOST_DEVICE constexpr F* select_done_count(F* hist, int64_t B, int64_t Hq) {
+  return hist + select_hist_floats(B, Hq);
+}
 
 // One query per sequence against a [B, Hkv, N, D] KV cache (last dim contiguous).
 struct DecodeParams {
@@ -124,8 +129,8 @@ struct AttnParams {
   float scale = 1.f;
   float* scores = nullptr;  // [B, Hq, scores_ld]: scale * q.k of valid positions, -inf or unset past them (select only)
   int64_t scores_ld = 0;    // row pitch of scores: N rounded up to a multiple of 32 (128-byte lines)
-  float* hist = nullptr;    // [B, Hq, kTopkBins], zeroed (select, head mode, digits_fit): first-digit counts
-  float* done = nullptr;    // with hist (right after it), zeroed: the tile CTAs done (count_done)
+  float* hist = nullptr;    // [B, Hq, kTopkBins], zeroed (select, head mode, digits_fit): first-digit counts,
+                            // then the tile CTAs' done count (select_workspace_floats, count_done)
   int64_t sink = 0, tail = 1;  // top-k candidates [sink, L - tail), tail = forced_tail(recent) (select, head mode)
   float* part_o = nullptr;  // [B, Hq * S, splits, D]
   float* part_ml = nullptr; // [B, Hq * S, splits, 2]: running max m and sum l
