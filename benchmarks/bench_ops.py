@@ -8,9 +8,11 @@ plus a 32-layer attention step (layers 0,1 decode; 2 and 13 select; the rest spa
 all timed as CUDA-graph replays (what a graph-captured decode step sees; per-call host overhead
 gone), with the eager per-call time recorded too. Times: CUDA events, warm-up, median; inputs rotate
 over several cache buffers so L2 (50-60 MB) cannot serve them. floor_ms = bytes that must be read / measured copy
-bandwidth (a device-to-device copy, counting bytes read + written).
+bandwidth (a device-to-device copy, counting bytes read + written). With --floors (the folder where
+gather_floor.cu and stream_floor.cu wrote their JSON, as gpu_check.sh does), each B = 1 step also gets
+floor_bound: its speedup if every layer ran at the floor of its reads and did nothing else.
 
-    python benchmarks/bench_ops.py --out benchmarks/results/ops_h100.json
+    python benchmarks/bench_ops.py --out benchmarks/results/ops_h100.json [--floors $OUT]
 """
 import argparse
 import datetime
@@ -177,10 +179,35 @@ def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
 
         ms = graph_ms(tidal_step)
         step_rows.append({"B": B, "N": N, "top_k": 2048, "mode": mode, "ms": ms, "full_ms": full_ms,
-                          "speedup": full_ms / ms})
+                          "speedup": full_ms / ms,
+                          "dense_layers": sum(config.role(layer) != "sparse" for layer in range(32))})
         print(f"  step32   k=2048  {mode:<6} {ms:8.4f} ms  32x sdpa {full_ms:.4f} ms  x{full_ms / ms:6.2f}")
     del bufs
     torch.cuda.empty_cache()
+
+
+def floor_bounds(step_rows, floors_dir):
+    """The step's speedup bound by the floors of its reads alone (B = 1, where they were measured):
+    32 x SDPA / (dense layers x the stream floor of the cache + sparse layers x the gather floor of
+    the rows). The floors come from benchmarks/stream_floor.cu (stream_floor.json: the fastest
+    variant) and gather_floor.cu (gather_floor.json at 128K, gather_floor_32k.json at 32K: the fastest
+    launch shape of random rows; head mode: the per-head rows or each KV head's distinct rows, the
+    faster). Adds floor_bound and its inputs to each row it covers."""
+    def load(name):
+        path = os.path.join(floors_dir, name)
+        return json.load(open(path)) if os.path.exists(path) else None
+
+    stream = load("stream_floor.json")
+    gathers = [g for g in (load("gather_floor.json"), load("gather_floor_32k.json")) if g]
+    for r in step_rows:
+        st = [x["us"] for x in (stream or {}).get("rows", []) if (x["B"], x["N"]) == (r["B"], r["N"])]
+        g = next((g for g in gathers if g["N"] == r["N"]), None)
+        if r["B"] != 1 or not st or g is None:
+            continue
+        modes = ("head", "head-union") if r["mode"] == "head" else ("group",)
+        ga = min(x["us"] for x in g["rows"] if x["pattern"] == "random" and x["mode"] in modes)
+        floor_us = r["dense_layers"] * min(st) + (32 - r["dense_layers"]) * ga
+        r.update({"stream_floor_us": min(st), "gather_floor_us": ga, "floor_bound": r["full_ms"] * 1e3 / floor_us})
 
 
 def plot(result, path):
@@ -220,6 +247,8 @@ def main():
     add_sweep_args(p, "256,2048,4096")
     p.add_argument("--rotate", type=int, default=3, help="cache buffers rotated through")
     p.add_argument("--out", default=None, help="JSON path (a PNG plot is written beside it)")
+    p.add_argument("--floors", default=None, help="folder of stream_floor.json and gather_floor*.json: the "
+                   "32-layer step's bound by the floors of its reads (floor_bound)")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -233,6 +262,8 @@ def main():
             B = max(1, B // 2)
         bench_shape(B, N, [int(k) for k in args.top_k.split(",")], args.modes.split(","), bw, rows, step_rows,
                     args.rotate)
+    if args.floors:
+        floor_bounds(step_rows, args.floors)
     result = {"card": card_name(), "device": torch.cuda.get_device_name(), "date": str(datetime.date.today()),
               "torch": torch.__version__, "copy_tbps": bw, "dtype": "bfloat16", "Hq": HQ, "Hkv": HKV, "D": D,
               "rows": rows, "step32": step_rows}
@@ -251,8 +282,9 @@ def main():
               f"{str(r['mode'] or '-'):>7}{r['ms']:9.4f}{(r['cudnn_ms'] or r['flash_ms']):9.4f}"
               f"{r['speedup_vs_cudnn']:7.2f}{100 * r['frac_of_floor']:8.1f}{eager_x:9.2f}")
     for r in step_rows:
+        bound = f"   (bound by the floors of its reads: x{r['floor_bound']:.2f})" if "floor_bound" in r else ""
         print(f"step32  {str(r['B']) + 'x' + str(r['N'] // 1024) + 'K':>10}{2048:>6}{r['mode']:>7}{r['ms']:9.4f}"
-              f"{r['full_ms']:9.4f}{r['speedup']:7.2f}")
+              f"{r['full_ms']:9.4f}{r['speedup']:7.2f}{bound}")
 
 
 if __name__ == "__main__":

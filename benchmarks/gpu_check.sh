@@ -114,7 +114,7 @@ if has bench; then
   nvcc -O3 -std=c++17 -Iinclude -gencode=arch=compute_90a,code=sm_90a -o /tmp/stream_floor benchmarks/stream_floor.cu &&
     /tmp/stream_floor >"$OUT/stream_floor.json" 2>"$OUT/stream_floor.log"
   summary+=("$(tail -1 "$OUT/stream_floor.log")")
-  "$PY" benchmarks/bench_ops.py --out "$OUT/ops.json" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -70
+  "$PY" benchmarks/bench_ops.py --out "$OUT/ops.json" --floors "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -70
 fi
 
 if has app; then

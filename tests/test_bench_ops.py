@@ -1,0 +1,44 @@
+"""CPU test of benchmarks/bench_ops.py's step bound: floor_bound is 32 x SDPA over the floors of the
+step's reads (dense layers at the stream floor, sparse layers at the gather floor; head mode the
+faster of its per-head and distinct rows), only where the floors were measured (B = 1, same N)."""
+import json
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+import bench_ops  # noqa: E402
+
+
+def _write(path, obj):
+    with open(path, "w") as f:
+        json.dump(obj, f)
+
+
+def test_floor_bound_from_the_floor_files(tmp_path):
+    _write(tmp_path / "stream_floor.json", {"rows": [
+        {"B": 1, "N": 32768, "variant": "rows", "us": 47.0}, {"B": 1, "N": 32768, "variant": "tile", "us": 45.0},
+        {"B": 8, "N": 32768, "variant": "tile", "us": 343.0}]})
+    _write(tmp_path / "gather_floor_32k.json", {"N": 32768, "rows": [
+        {"pattern": "random", "mode": "head", "us": 13.5}, {"pattern": "random", "mode": "head", "us": 13.3},
+        {"pattern": "random", "mode": "head-union", "us": 13.2}, {"pattern": "random", "mode": "group", "us": 4.9},
+        {"pattern": "contiguous", "mode": "head", "us": 1.0}]})  # not random rows: ignored
+    rows = [{"B": 1, "N": 32768, "mode": "head", "full_ms": 1.64, "dense_layers": 4},
+            {"B": 1, "N": 32768, "mode": "group", "full_ms": 1.64, "dense_layers": 4},
+            {"B": 8, "N": 32768, "mode": "head", "full_ms": 11.2, "dense_layers": 4},   # no gather floor at B = 8
+            {"B": 1, "N": 131072, "mode": "head", "full_ms": 5.7, "dense_layers": 4}]  # no floors at 128K
+    bench_ops.floor_bounds(rows, str(tmp_path))
+    head, group, b8, n128 = rows
+    assert head["stream_floor_us"] == 45.0 and head["gather_floor_us"] == 13.2
+    assert head["floor_bound"] == pytest.approx(1640.0 / (4 * 45.0 + 28 * 13.2))
+    assert group["gather_floor_us"] == 4.9
+    assert group["floor_bound"] == pytest.approx(1640.0 / (4 * 45.0 + 28 * 4.9))
+    assert "floor_bound" not in b8 and "floor_bound" not in n128
+
+
+def test_floor_bound_without_floor_files(tmp_path):
+    rows = [{"B": 1, "N": 32768, "mode": "head", "full_ms": 1.64, "dense_layers": 4}]
+    bench_ops.floor_bounds(rows, str(tmp_path))
+    assert "floor_bound" not in rows[0]
