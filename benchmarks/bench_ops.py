@@ -195,7 +195,10 @@ def floor_bounds(step_rows, floors_dir):
     faster). Adds floor_bound and its inputs to each row it covers."""
     def load(name):
         path = os.path.join(floors_dir, name)
-        return json.load(open(path)) if os.path.exists(path) else None
+        if not os.path.exists(path):
+            return None
+        with open(path) as f:
+            return json.load(f)
 
     stream = load("stream_floor.json")
     gathers = [g for g in (load("gather_floor.json"), load("gather_floor_32k.json")) if g]

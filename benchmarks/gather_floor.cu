@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <ctime>
 #include <random>
 #include <vector>
@@ -25,6 +26,7 @@
 #include "cuda_check.h"
 
 constexpr int kHkv = 8, kD = 128, kRowBytes = kD * 2, kLanesPerRow = kRowBytes / 16;
+constexpr int kHeadsPerKv = 4;  // head mode: 32 index rows, 4 per KV head
 
 // Each group of 16 lanes reads U items (an item: the K row and the V row of one index entry) with
 // all of its index loads first, then all 2U row loads, so every load of a lane is in flight at once.
@@ -157,8 +159,8 @@ int main(int argc, char** argv) {
     return row;
   };
   std::vector<Layout> layouts;
-  for (int sel : {32, 8}) {  // head mode, group mode
-    Layout l{"random", sel == 32 ? "head" : "group", sel, K, {}};
+  for (int sel : {kHkv * kHeadsPerKv, kHkv}) {  // head mode, group mode
+    Layout l{"random", sel > kHkv ? "head" : "group", sel, K, {}};
     for (int r = 0; r < sel; ++r) {
       const std::vector<int> row = random_row(K);
       l.rows.insert(l.rows.end(), row.begin(), row.end());
@@ -170,7 +172,7 @@ int main(int argc, char** argv) {
     size_t len = 0;
     for (int g = 0; g < kHkv; ++g) {
       std::vector<int> u;
-      for (int h = 0; h < 4; ++h) {
+      for (int h = 0; h < kHeadsPerKv; ++h) {
         const std::vector<int> row = random_row(K);
         u.insert(u.end(), row.begin(), row.end());
       }
@@ -186,8 +188,8 @@ int main(int argc, char** argv) {
     }
     layouts.push_back(l);
   }
-  for (int sel : {32, 8}) {
-    Layout l{"contiguous", sel == 32 ? "head" : "group", sel, K, {}};
+  for (int sel : {kHkv * kHeadsPerKv, kHkv}) {
+    Layout l{"contiguous", sel > kHkv ? "head" : "group", sel, K, {}};
     for (int r = 0; r < sel; ++r)
       for (int j = 0; j < K; ++j) l.rows.push_back((r % (sel / kHkv)) * K + j);  // distinct rows per head
     layouts.push_back(l);
@@ -203,8 +205,9 @@ int main(int argc, char** argv) {
     }
     const int sel_per_kv = l.sel / kHkv;
     const int64_t items = int64_t(l.sel) * l.len;
-    const double bytes = double(std::count_if(l.rows.begin(), l.rows.end(), [](int p) { return p >= 0; })) * 2 * kRowBytes;
-    const int which = l.mode[0] == 'g' ? 1 : (l.mode[4] == '-' ? 2 : 0);
+    const int64_t valid = std::count_if(l.rows.begin(), l.rows.end(), [](int p) { return p >= 0; });  // rows read
+    const double bytes = double(valid) * 2 * kRowBytes;
+    const int which = !strcmp(l.mode, "head") ? 0 : !strcmp(l.mode, "group") ? 1 : 2;
     for (int block : {128, 256, 512}) {
       const float us[4] = {time_us<1>(sets, items, l.len, sel_per_kv, N, block, sink),
                            time_us<2>(sets, items, l.len, sel_per_kv, N, block, sink),
@@ -215,7 +218,7 @@ int main(int argc, char** argv) {
         if (l.pattern[0] == 'r') best[which] = std::min(best[which], us[i]);
         printf("%s{\"pattern\": \"%s\", \"mode\": \"%s\", \"rows\": %d, \"block\": %d, \"unroll\": %d, \"us\": %.2f, "
                "\"tbps\": %.3f, \"frac_of_copy\": %.3f}",
-               first ? "" : ",\n", l.pattern, l.mode, static_cast<int>(bytes / (2 * kRowBytes)), block, unroll[i], us[i],
+               first ? "" : ",\n", l.pattern, l.mode, static_cast<int>(valid), block, unroll[i], us[i],
                bytes / (us[i] * 1e-6) / 1e12, bytes / (us[i] * 1e-6) / 1e12 / copy_tbps);
         first = false;
       }
