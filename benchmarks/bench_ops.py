@@ -6,7 +6,8 @@ For every B x N (Llama-3-8B attention shapes: Hq=32, Hkv=8, D=128, bf16, all seq
   sparse_attention (k, mode)    vs SDPA, and vs a naive PyTorch gather + attend
 plus a 32-layer attention step (layers 0,1 decode; 2 and 13 select; the rest sparse) vs 32 x SDPA,
 all timed as CUDA-graph replays (what a graph-captured decode step sees; per-call host overhead
-gone), with the eager per-call time recorded too. Times: CUDA events, warm-up, median; inputs rotate
+gone), with the eager per-call time recorded too. Times: CUDA events, warm-up, median (of three
+captures' medians, each capture with its own buffers: see graph_ms); inputs rotate
 over several cache buffers so L2 (50-60 MB) cannot serve them. floor_ms = bytes that must be read / measured copy
 bandwidth (a device-to-device copy, counting bytes read + written). With --floors (the folder where
 gather_floor.cu and stream_floor.cu wrote their JSON, as gpu_check.sh does), each B = 1 step also gets
@@ -74,10 +75,13 @@ def capture_graph(fn, warmup=2):
     return g
 
 
-def graph_ms(fn, iters=20):
-    """Median time of replaying a CUDA graph of fn() (launch gaps removed)."""
-    g = capture_graph(fn)
-    return time_ms(lambda i: g.replay(), 1, iters=iters, warmup=3)
+def graph_ms(fn, iters=20, captures=3):
+    """Time of replaying a CUDA graph of fn() (launch gaps removed): the median over `captures` graphs,
+    each captured with its own memory (all held until the end), of each graph's median replay time.
+    One capture's time moved by up to about 1.5% from one process to the next on one H100 (select at
+    1x32K, k=2048: 1.173-1.190x cuDNN's time over four processes), so one capture is one sample."""
+    graphs = [capture_graph(fn) for _ in range(captures)]
+    return statistics.median(time_ms(lambda i: g.replay(), 1, iters=iters, warmup=3) for g in graphs)
 
 
 def sdpa(q, k, v, backend):

@@ -81,6 +81,10 @@ struct Mma<__half> {
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
   return static_cast<uint32_t>(__cvta_generic_to_shared(p));
 }
+// An 8-byte store to shared memory at a 32-bit shared address (a hot loop's base stays one register).
+__device__ __forceinline__ void st_shared(uint32_t addr, uint2 v) {
+  asm volatile("st.shared.v2.u32 [%0], {%1, %2};\n" ::"r"(addr), "r"(v.x), "r"(v.y) : "memory");
+}
 
 __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, bool valid) {
   const uint32_t dst = smem_u32(smem);
@@ -961,6 +965,7 @@ template <int kBlock>
 __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   using Scan = cub::BlockScan<int, kBlock>;
   using Reduce = cub::BlockReduce<int, kBlock>;
+  constexpr int kWarpsT = kBlock / 32;
   __shared__ union {
     typename Scan::TempStorage scan;
     typename Reduce::TempStorage reduce;
@@ -972,6 +977,7 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   constexpr int kWarpRanked = 32;           // the most keys left after pass B one warp ranks, one a lane
   __shared__ uint2 sh_cand[kWarpRanked];    // head mode: the cut-bin keys left after pass B (key, chunk)
   __shared__ int sh_ncand, sh_lower_gt;     // their number; the lower chunks' cut-bin keys above them
+  __shared__ int sh_warp_bin[kWarpsT];      // head mode: a warp's listed keys in (low half-word) / above the cut bin
   extern __shared__ __align__(16) unsigned char topk_smem[];
   int* hist = reinterpret_cast<int*>(topk_smem);               // [2][kTopkBins]
   uint2* list = reinterpret_cast<uint2*>(hist + 2 * kTopkBins);  // [kTopkListCap] (key, position)
@@ -983,6 +989,8 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   const unsigned cs = static_cast<unsigned>(p.cluster), rank = blockIdx.x % cs;
   const int64_t g = blockIdx.x / cs, b = blockIdx.y;
   const int tid = threadIdx.x;
+  const int warp = tid / 32, lane = tid % 32;
+  const unsigned lower_lanes = (1u << lane) - 1;
   const TopkRow row = topk_row(p, b, g);
   int32_t* out = p.indices + (b * p.Hsel + g) * p.top_k;
   if (rank == 0) {  // the slots decided without ranking
@@ -1032,43 +1040,60 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   int64_t want = row.free_slots;
   constexpr int kPer = 4;  // bins per thread: one 16-byte load from each peer
   static_assert(kTopkBins == kPer * kBlock, "a thread scans kPer bins");
-  auto choose_digit = [&](const int* h, int shift, uint32_t digit_mask, unsigned peers) {
-    if (peers > 1)
-      cluster_barrier();  // every CTA's histogram is complete
-    else
-      __syncthreads();
-    const int base = kTopkBins - kPer * (tid + 1);  // bins base .. base + 3, scanned top digit first
-    int items[kPer] = {}, incl[kPer];
+  const int bin0 = kTopkBins - kPer * (tid + 1);  // this thread's bins bin0 .. bin0 + 3, scanned top digit first
+  // From this thread's counts (items[k]: bin bin0 + kPer - 1 - k). The keys in higher bins: a warp
+  // scan, then the higher warps' sums (two block barriers in all; sh_digit and sh_warp_sum are
+  // next written after the next pick's first barrier, when every thread has read them).
+  __shared__ int sh_warp_sum[kWarpsT];
+  auto pick_digit = [&](const int (&items)[kPer], int shift, uint32_t digit_mask) {
+    const int own = items[0] + items[1] + items[2] + items[3];
+    int incl = own;
 #pragma unroll
-    for (unsigned q = 0; q < kMaxCluster; ++q) {
-      if (q >= peers) break;
-      const int4 x = *reinterpret_cast<const int4*>((peers > 1 ? cluster_peer(h, q) : h) + base);
-      items[0] += x.w, items[1] += x.z, items[2] += x.y, items[3] += x.x;
+    for (int d = 1; d < 32; d <<= 1) {
+      const int y = __shfl_up_sync(0xffffffffu, incl, d);
+      if (lane >= d) incl += y;
     }
-    Scan(tmp.scan).InclusiveSum(items, incl);
+    if (lane == 31) sh_warp_sum[warp] = incl;
+    __syncthreads();
+    const int warp_sum = lane < kWarpsT ? sh_warp_sum[lane] : 0;
+    int above = __reduce_add_sync(0xffffffffu, lane < warp ? warp_sum : 0) + incl - own;
 #pragma unroll
     for (int k = 0; k < kPer; ++k) {
-      const int above = incl[k] - items[k];
-      if (items[k] > 0 && above < want && incl[k] >= want) {
-        sh_digit = base + kPer - 1 - k;
+      if (items[k] > 0 && above < want && above + items[k] >= want) {
+        sh_digit = bin0 + kPer - 1 - k;
         sh_above = above;
       }
+      above += items[k];
     }
     __syncthreads();
     prefix |= static_cast<uint32_t>(sh_digit) << shift;
     mask |= digit_mask << shift;
     want -= sh_above;
-    __syncthreads();  // sh_digit and the scan storage are reused
+  };
+  auto choose_digit = [&](const int* h, int shift, uint32_t digit_mask, unsigned peers) {
+    if (peers > 1)
+      cluster_barrier();  // every CTA's histogram is complete
+    else
+      __syncthreads();
+    int items[kPer] = {};
+#pragma unroll
+    for (unsigned q = 0; q < kMaxCluster; ++q) {
+      if (q >= peers) break;
+      const int4 x = *reinterpret_cast<const int4*>((peers > 1 ? cluster_peer(h, q) : h) + bin0);
+      items[0] += x.w, items[1] += x.z, items[2] += x.y, items[3] += x.x;
+    }
+    pick_digit(items, shift, digit_mask);
   };
 
   // Pass A: every key once from global memory (group mode: computed, then stored over the first row),
   // histogram of the top 11 bits. Head mode's histogram comes from the attention pass: every CTA
-  // loads the row's and finds the first digit on its own (no cluster barrier).
-  static_assert(kTopkBins == 4 * kBlock, "a thread copies 4 bins");
+  // loads the row's and finds the first digit on its own (no cluster barrier), from registers.
+  if (tid == 0) sh_bin[0] = sh_bin[1] = sh_ncand = sh_lower_gt = 0;  // counted into later (pick_digit syncs)
   if (p.hist != nullptr) {
-    const float4 c = reinterpret_cast<const float4*>(p.hist + (b * p.Hsel + g) * kTopkBins)[tid];  // exact counts
-    reinterpret_cast<int4*>(hist)[tid] =
-        make_int4(static_cast<int>(c.x), static_cast<int>(c.y), static_cast<int>(c.z), static_cast<int>(c.w));
+    const float4 c = reinterpret_cast<const float4*>(p.hist + (b * p.Hsel + g) * kTopkBins)[bin0 / kPer];
+    const int items[kPer] = {static_cast<int>(c.w), static_cast<int>(c.z), static_cast<int>(c.y),
+                             static_cast<int>(c.x)};  // exact counts
+    pick_digit(items, 21, 0x7ffu);
   } else {
     constexpr int kUnroll = 4;  // vector loads in flight per thread
     for (int vb = v0; vb < v1; vb += kUnroll * kBlock) {
@@ -1084,15 +1109,13 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
         }
       }
     }
+    choose_digit(hist, 21, 0x7ffu, cs);
   }
-  if (tid == 0) sh_bin[0] = sh_bin[1] = sh_ncand = sh_lower_gt = 0;  // counted into later (choose_digit syncs)
-  choose_digit(hist, 21, 0x7ffu, p.hist != nullptr ? 1u : cs);
 
   // The list: every key of this chunk at or above pass A's cut bin (all possible winners), in
   // position order. Warp w lists its own 1/kWarpsT of the chunk into its own segment (ballot
   // compaction, no block barrier), and later passes read each warp's segment where it lies.
-  constexpr int kWarpsT = kBlock / 32, kSegment = kTopkListCap / kWarpsT;
-  const int warp = tid / 32, lane = tid % 32;
+  constexpr int kSegment = kTopkListCap / kWarpsT;
   const int per_warp = ((v1 - v0 + kWarpsT - 1) / kWarpsT + 31) / 32 * 32;  // vectors, whole rounds
   const int wv0 = v0 + warp * per_warp, wv1 = min(v1, wv0 + per_warp);
   int seg = 0;  // this warp's entries (may pass kSegment: overflow)
@@ -1110,43 +1133,45 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
                                    : __uint_as_float(floor_key & 0x80000000u ? floor_key & 0x7fffffffu : ~floor_key);
     const int wlo = max(lo, 4 * wv0), span = max(min(hi, 4 * wv1) - wlo, 0);
     uint2* mine = list + warp * kSegment;
+    const uint32_t mine_s = smem_u32(mine);
     uint4 next = topk_raw4(row.row0, wv0 + lane, wv1);
     for (int vb = wv0; vb < wv1; vb += 32) {
       const int v = vb + lane;
       const uint4 raw = next;  // the next round's bytes load while this one is listed
       next = topk_raw4(row.row0, vb + 32 + lane, wv1);
+      // A listed position's slot: the round's listed positions of the lower lanes (one ballot an
+      // element: no chain of shuffles), then its lane's lower elements.
       bool take[4];
-      int n = 0;
+      int at = seg;
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const uint32_t bits = key_at(raw, e);
         take[e] = static_cast<unsigned>(4 * v + e - wlo) < static_cast<unsigned>(span) &&
                   (group ? bits >= floor_key : !(__uint_as_float(bits) < floor_score));
-        n += take[e] ? 1 : 0;
+        const unsigned listed = __ballot_sync(0xffffffffu, take[e]);
+        at += __popc(listed & lower_lanes);
+        seg += __popc(listed);
       }
-      int incl = n;  // inclusive scan over the warp's lanes
-      for (int d = 1; d < 32; d <<= 1) {
-        const int y = __shfl_up_sync(0xffffffffu, incl, d);
-        if (lane >= d) incl += y;
-      }
-      int at = seg + incl - n;
 #pragma unroll
-      for (int e = 0; e < 4; ++e)
-        if (take[e]) {
-          if (at < kSegment) mine[at] = make_uint2(key_at(raw, e), static_cast<uint32_t>(4 * v + e));
-          ++at;
-        }
-      seg += __shfl_sync(0xffffffffu, incl, 31);
+      for (int e = 0; e < 4; ++e) {
+        if (take[e] && at < kSegment)
+          st_shared(mine_s + 8 * at, make_uint2(key_at(raw, e), static_cast<uint32_t>(4 * v + e)));
+        at += take[e] ? 1 : 0;
+      }
     }
-    // Head mode: the warp turns its entries into keys, writes those in the cut bin into this
-    // chunk's region of every cluster CTA's `cluster_bin` (remote stores: no CTA reads a peer's
-    // shared memory, where each read waits a round trip) and counts those above it, before the
-    // block's barrier (the warp waits for no other). Group mode's cut bin is wide: its keys are
+    // Head mode: the warp turns its entries into keys, stages those in the cut bin at the back of
+    // its segment and counts them and those above it (no atomic a round), then writes the staged
+    // keys into this chunk's region of every cluster CTA's `cluster_bin` (remote stores: no CTA
+    // reads a peer's shared memory, where each read waits a round trip), before the block's
+    // barrier (the warp waits for no other). Group mode's cut bin is wide: its keys are
     // log-probabilities.
     if (!group) {
-      if (p.hist != nullptr) cluster_wait();  // every peer has started (the arrival is long past)
       __syncwarp();
       const int n = min(seg, kSegment);  // an overflow spoils the counts: they go unused then
+      // staged[-1 - j]: the warp's j-th cut-bin key, 32-bit words down from the segment's end; it
+      // must not reach the n entries (2n words) above.
+      uint32_t* staged = reinterpret_cast<uint32_t*>(mine + kSegment);
+      int n_in = 0, n_above = 0;
       for (int base = 0; base < n; base += 32) {
         const int i = base + lane;
         uint32_t key = 0;
@@ -1155,22 +1180,29 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
           mine[i].x = key;
         }
         const unsigned in = __ballot_sync(0xffffffffu, i < n && (key & mask) == prefix);
-        const unsigned above = __ballot_sync(0xffffffffu, i < n && (key & mask) > prefix);
-        int at = 0;
-        if (lane == 0 && in != 0) at = atomicAdd(&sh_bin[0], __popc(in));
-        if (lane == 0 && above != 0) atomicAdd(&sh_bin[1], __popc(above));
-        at = __shfl_sync(0xffffffffu, at, 0) + __popc(in & ((1u << lane) - 1));
-        if (((in >> lane) & 1) && at < region)
-          for (unsigned q = 0; q < cs; ++q) cluster_peer(cluster_bin, q)[rank * region + at] = key;
+        const int j = n_in + __popc(in & lower_lanes);
+        if (((in >> lane) & 1) && 2 * n + j < 2 * kSegment) staged[-1 - j] = key;
+        n_in += __popc(in);
+        n_above += __popc(__ballot_sync(0xffffffffu, i < n && (key & mask) > prefix));
       }
+      const bool staged_all = 2 * n + n_in <= 2 * kSegment;  // else the chunk's count spoils the sum
+      int at = 0;
+      if (lane == 0) {
+        at = atomicAdd(&sh_bin[0], staged_all ? n_in : kTopkBinCap + 1);
+        atomicAdd(&sh_bin[1], n_above);
+        sh_warp_bin[warp] = n_in | n_above << 16;  // < 2^16 each
+      }
+      at = __shfl_sync(0xffffffffu, at, 0);
+      if (p.hist != nullptr) cluster_wait();  // every peer has started (the arrival is long past)
+      __syncwarp();
+      if (staged_all)
+        for (int j = lane; j < n_in && at + j < region; j += 32) {
+          const uint32_t key = staged[-1 - j];
+          for (unsigned q = 0; q < cs; ++q) cluster_peer(cluster_bin, q)[rank * region + at + j] = key;
+        }
     }
   }
-  __shared__ int sh_seg[kWarpsT];
-  if (lane == 0) sh_seg[warp] = seg;
-  __syncthreads();
-  bool overflow = false;
-  for (int w = 0; w < kWarpsT; ++w) overflow |= sh_seg[w] > kSegment;
-  const bool use_list = !overflow;  // else (rare: many ties, a huge budget) re-scan the keys
+  const bool use_list = !__syncthreads_or(seg > kSegment);  // else (rare: many ties, a huge budget) re-scan the keys
   // The list stays in the warps' segments (each in position order, the warps in order): every
   // later pass over it reads the warp's own, and the ordered write needs one count per warp.
   const uint2* my_list = list + warp * kSegment;
@@ -1347,24 +1379,37 @@ __global__ void __launch_bounds__(kBlock, 2) topk_kernel(const TopkParams p) {
   if (use_list) {
     __shared__ int sh_warp_won[kWarpsT];  // a warp's entries above (low half-word) / at the cut
     static_assert(kWarpsT <= 32 && kTopkListCap < (1 << 16), "one lane a warp; sums fit 16 bits");
+    // Gathered, the warp's entries above the cut are those above the cut bin (counted when the
+    // keys were pushed) and its staged cut-bin keys above the cut: fewer to read than its segment.
     int won = 0;
-    for_my_entries([&](uint2 e) { won += e.x > cut ? 1 : (e.x == cut ? 0x10000 : 0); });
+    if (gathered) {
+      const uint32_t* staged = reinterpret_cast<const uint32_t*>(my_list + kSegment);
+      const int n_in = sh_warp_bin[warp] & 0xffff;
+      won = lane == 0 ? sh_warp_bin[warp] >> 16 : 0;
+      for (int j = lane; j < n_in; j += 32) {
+        const uint32_t key = staged[-1 - j];
+        won += key > cut ? 1 : (key == cut ? 0x10000 : 0);
+      }
+    } else {
+      for_my_entries([&](uint2 e) { won += e.x > cut ? 1 : (e.x == cut ? 0x10000 : 0); });
+    }
     won = __reduce_add_sync(0xffffffffu, won);
     if (lane == 0) sh_warp_won[warp] = won;
     __syncthreads();
     const int before = __reduce_add_sync(0xffffffffu, lane < warp ? sh_warp_won[lane] : 0);
-    int64_t gt_before = before & 0xffff, eq_before = eq_seen + (before >> 16);  // eq: the row's
-    const int64_t eq_lower = min64(eq_seen, take_eq);  // the lower chunks' (in `written` already)
-    const unsigned lower_lanes = (1u << lane) - 1;
+    // 32-bit counts (all < top_k or N < 2^31) from `dst`: the chunk's first slot less the lower
+    // chunks' equal keys taken (in `written` already).
+    int32_t* const dst = out + written - min64(eq_seen, take_eq);
+    const int take = static_cast<int>(take_eq);
+    int gt_before = before & 0xffff, eq_before = static_cast<int>(eq_seen) + (before >> 16);  // eq: the row's
     for (int base = 0; base < seg; base += 32) {
       const int i = base + lane;
       const uint2 e = i < seg ? my_list[i] : make_uint2(0u, 0u);
       const bool gt = i < seg && e.x > cut, eq = i < seg && e.x == cut;
       const unsigned gts = __ballot_sync(0xffffffffu, gt), eqs = __ballot_sync(0xffffffffu, eq);
-      const int64_t eq_rank = eq_before + __popc(eqs & lower_lanes);
-      if (gt || (eq && eq_rank < take_eq))
-        out[written + gt_before + __popc(gts & lower_lanes) + min64(eq_rank, take_eq) - eq_lower] =
-            static_cast<int32_t>(e.y);
+      const int eq_rank = eq_before + __popc(eqs & lower_lanes);
+      if (gt || (eq && eq_rank < take))
+        dst[gt_before + __popc(gts & lower_lanes) + min(eq_rank, take)] = static_cast<int32_t>(e.y);
       gt_before += __popc(gts);
       eq_before += __popc(eqs);
     }
