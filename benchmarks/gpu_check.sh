@@ -75,8 +75,8 @@ sys.path.insert(0, "benchmarks")
 from bench_ops import card_name
 out = sys.argv[1]
 name = torch.cuda.get_device_name()
-result = {"card": card_name(), "device": name,
-          "date": str(datetime.date.today()), "tools": [], "tests": 0, "errors": 0, "runs": []}
+result = {"card": card_name(), "device": name, "date": str(datetime.date.today()), "torch": torch.__version__,
+          "tools": [], "tests": 0, "errors": 0, "runs": []}
 for tool in ("memcheck", "racecheck"):
     log = open(f"{out}/{tool}.log").read()
     # memcheck ends with "ERROR SUMMARY: n errors", racecheck with "RACECHECK SUMMARY: ... (n errors, ...)"
