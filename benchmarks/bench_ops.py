@@ -7,17 +7,21 @@ For every B x N (Llama-3-8B attention shapes: Hq=32, Hkv=8, D=128, bf16, all seq
 plus a 32-layer attention step (layers 0,1 decode; 2 and 13 select; the rest sparse) vs 32 x SDPA,
 all timed as CUDA-graph replays (what a graph-captured decode step sees; per-call host overhead
 gone), with the eager per-call time recorded too. Times: CUDA events, warm-up, median (of three
-captures' medians, each capture with its own buffers: see graph_ms); inputs rotate
-over several cache buffers so L2 (50-60 MB) cannot serve them. floor_ms = bytes that must be read / measured copy
+captures' medians, each capture with its own buffers: see graph_ms); inputs rotate so that L2
+(50-60 MB) cannot serve a call's reads: at least twice its size is read between two calls that read
+the same rows (rotation(): more cache buffers for the step, and for sparse_attention disjoint index
+sets over three buffers, disjoint_index_sets()). floor_ms = bytes that must be read / measured copy
 bandwidth (a device-to-device copy, counting bytes read + written). With --floors (the folder where
-gather_floor.cu and stream_floor.cu wrote their JSON, as gpu_check.sh does), each B = 1 step also gets
-floor_bound: its speedup if every layer ran at the floor of its reads and did nothing else.
+gather_floor.cu, stream_floor.cu and step_floor.cu wrote their JSON, as gpu_check.sh does), each B = 1
+step also gets floor_bound and step_floor_bound: its speedup if every layer ran at the floor of its
+reads and did nothing else (the layers' floors added up, and such a step timed as one graph).
 
     python benchmarks/bench_ops.py --out benchmarks/results/ops_h100.json [--floors $OUT]
 """
 import argparse
 import datetime
 import json
+import math
 import os
 import statistics
 
@@ -29,6 +33,7 @@ import tidal_ext
 
 HQ, HKV, D = 32, 8, 128
 DTYPE = torch.bfloat16
+GRAPH_CALLS = 24  # the fewest calls of an op timed in one graph (see bench_shape.timed)
 
 
 def card_name():
@@ -116,19 +121,49 @@ def unique_rows(idx, hq=HQ, hkv=HKV):
                for b in range(B) for g in range(hkv))
 
 
+def l2_bytes():
+    return getattr(torch.cuda.get_device_properties(torch.cuda.current_device()), "L2_cache_size", 64 << 20)
+
+
+def rotation(bytes_per_call, least=3):
+    """How many calls (each reading bytes_per_call of its own) to rotate through so that, between two
+    calls reading the same rows, the others read at least twice the L2 size: L2 cannot serve the
+    repeat (streaming loads, which the kernels use, leave L2 first)."""
+    return max(least, math.ceil(2 * l2_bytes() / bytes_per_call) + 1)
+
+
+def disjoint_index_sets(n, B, rows, N, k, device="cuda"):
+    """n index tensors [B, rows, k] of sorted random positions (what select_attention gives on random
+    data), pairwise disjoint in each (batch row, index row): calls that rotate through them over one
+    cache read no row twice (n * k <= N)."""
+    perm = torch.rand(B, rows, N, device=device).argsort(-1)[..., : n * k].view(B, rows, n, k)
+    return [perm[:, :, j].sort(-1).values.to(torch.int32).contiguous() for j in range(n)]
+
+
+def step_slots(B, n_rot):
+    """Cache buffers the 32-layer step rotates through (layer l reads buffer l % slots), at least
+    n_rot: enough that a sparse layer finds none of its rows in L2 from the layer `slots` before it,
+    which read the same rows of the same buffer (group mode reads the fewest, B x Hkv x 2048 rows)."""
+    return rotation(B * HKV * 2048 * 2 * D * 2, n_rot)
+
+
 def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
     print(f"== B={B} N={N}")
+    slots = step_slots(B, n_rot)  # the first n_rot serve the single ops
     bufs = [tuple(torch.randn(s, device="cuda", dtype=DTYPE) for s in ((B, HQ, D), (B, HKV, N, D), (B, HKV, N, D)))
-            for _ in range(n_rot)]
+            for _ in range(slots)]
     lens = torch.full((B,), N, dtype=torch.int32, device="cuda")
     kv_bytes = 2 * B * HKV * N * D * 2
     floor_full = kv_bytes / (bw * 1e12) * 1e3
 
-    def timed(fn):
-        """(graph-replay ms, eager ms) per call of fn(slot); None where the backend refuses."""
+    def timed(fn, calls=n_rot):
+        """(graph-replay ms, eager ms) per call of fn(c), c = 0 .. calls - 1 in turn; None where the
+        backend refuses. A graph holds at least GRAPH_CALLS calls (the rotation repeated), so the
+        replay's own start is spread thin alike for an op and its baseline."""
+        n = calls * math.ceil(GRAPH_CALLS / calls)
         try:
-            eager = time_ms(fn, n_rot)
-            return graph_ms(lambda: [fn(i) for i in range(n_rot)]) / n_rot, eager
+            eager = time_ms(fn, calls)
+            return graph_ms(lambda: [fn(c % calls) for c in range(n)]) / n, eager
         except RuntimeError as e:  # a backend that does not take these shapes
             print(f"  (skipped: {str(e).splitlines()[0][:100]})")
             return None, None
@@ -137,8 +172,8 @@ def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
     flash, flash_eager = timed(lambda i: sdpa(*bufs[i], SDPBackend.FLASH_ATTENTION))
     full_ref = cudnn if cudnn is not None else flash
 
-    def add(op, fn, top_k=None, mode=None, naive=None, floor=floor_full):
-        ms, eager = timed(fn)
+    def add(op, fn, top_k=None, mode=None, naive=None, floor=floor_full, calls=n_rot):
+        ms, eager = timed(fn, calls)
         rows.append({"op": op, "B": B, "N": N, "top_k": top_k, "mode": mode, "ms": ms, "cudnn_ms": cudnn,
                      "flash_ms": flash, "naive_ms": naive, "speedup_vs_cudnn": full_ref / ms,
                      "floor_ms": floor, "frac_of_floor": floor / ms, "eager_ms": eager,
@@ -152,18 +187,24 @@ def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
         naive_sel = timed(lambda i: naive_select(*bufs[i], top_k))[0]
         for mode in modes:
             add("select", lambda i: tidal_ext.select_attention(*bufs[i], lens, top_k, mode), top_k, mode, naive_sel)
-            idx = [tidal_ext.select_attention(*bufs[i], lens, top_k, mode)[1] for i in range(n_rot)]
-            sparse_bytes = unique_rows(idx[0]) * 2 * D * 2
-            naive_sp = timed(lambda i: naive_sparse(*bufs[i], idx[i]))[0]
-            add("sparse", lambda i: tidal_ext.sparse_attention(*bufs[i], idx[i], lens), top_k, mode, naive_sp,
-                floor=sparse_bytes / (bw * 1e12) * 1e3)
+            # sparse: call c reads buffer c % n_rot at index set c // n_rot, the sets disjoint, so no
+            # call reads a row another read in the last 2 x L2 bytes (select's indices of the
+            # n_rot buffers would repeat every n_rot calls, whose rows fit L2 in group mode).
+            sel_rows = HQ if mode == "head" else HKV
+            row_bytes = unique_rows(disjoint_index_sets(1, B, sel_rows, N, top_k)[0]) * 2 * D * 2
+            n_sets = max(1, min(N // top_k, math.ceil(rotation(row_bytes) / n_rot)))
+            sets = disjoint_index_sets(n_sets, B, sel_rows, N, top_k)
+            calls = n_rot * n_sets
+            naive_sp = timed(lambda c: naive_sparse(*bufs[c % n_rot], sets[c // n_rot]), calls)[0]
+            add("sparse", lambda c: tidal_ext.sparse_attention(*bufs[c % n_rot], sets[c // n_rot], lens), top_k,
+                mode, naive_sp, floor=row_bytes / (bw * 1e12) * 1e3, calls=calls)
 
-    # 32-layer attention step; layer l uses rotation slot l % n_rot so no layer finds its cache in L2.
+    # 32-layer attention step; layer l reads buffer l % slots, so no layer finds its cache in L2.
     full_backend = SDPBackend.CUDNN_ATTENTION if cudnn is not None else SDPBackend.FLASH_ATTENTION
 
     def full_step():
         for layer in range(32):
-            sdpa(*bufs[layer % n_rot], full_backend)
+            sdpa(*bufs[layer % slots], full_backend)
 
     full_ms = graph_ms(full_step)
     for mode in modes:
@@ -172,7 +213,7 @@ def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
         def tidal_step():
             idx = None
             for layer in range(32):
-                q, k, v = bufs[layer % n_rot]
+                q, k, v = bufs[layer % slots]
                 role = config.role(layer)
                 if role == "full":
                     tidal_ext.decode_attention(q, k, v, lens)
@@ -183,20 +224,24 @@ def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
 
         ms = graph_ms(tidal_step)
         step_rows.append({"B": B, "N": N, "top_k": 2048, "mode": mode, "ms": ms, "full_ms": full_ms,
-                          "speedup": full_ms / ms,
+                          "speedup": full_ms / ms, "cache_buffers": slots,
                           "dense_layers": sum(config.role(layer) != "sparse" for layer in range(32))})
-        print(f"  step32   k=2048  {mode:<6} {ms:8.4f} ms  32x sdpa {full_ms:.4f} ms  x{full_ms / ms:6.2f}")
+        print(f"  step32   k=2048  {mode:<6} {ms:8.4f} ms  32x sdpa {full_ms:.4f} ms  x{full_ms / ms:6.2f}"
+              f"  ({slots} cache buffers)")
     del bufs
     torch.cuda.empty_cache()
 
 
 def floor_bounds(step_rows, floors_dir):
-    """The step's speedup bound by the floors of its reads alone (B = 1, where they were measured):
-    32 x SDPA / (dense layers x the stream floor of the cache + sparse layers x the gather floor of
-    the rows). The floors come from benchmarks/stream_floor.cu (stream_floor.json: the fastest
-    variant) and gather_floor.cu (gather_floor.json at 128K, gather_floor_32k.json at 32K: the fastest
-    launch shape of random rows; head mode: the per-head rows or each KV head's distinct rows, the
-    faster). Adds floor_bound and its inputs to each row it covers."""
+    """The step's speedup bound by the floors of its reads alone (B = 1, where they were measured).
+    floor_bound: 32 x SDPA / (dense layers x the stream floor of the cache + sparse layers x the
+    gather floor of the rows), each floor a kernel timed on its own: benchmarks/stream_floor.cu
+    (stream_floor.json: the fastest variant) and gather_floor.cu (gather_floor.json at 128K,
+    gather_floor_32k.json at 32K: the fastest launch shape of random rows; head mode: the per-head
+    rows or each KV head's distinct rows, the faster). step_floor_bound: 32 x SDPA / the whole step
+    of such reads timed as one graph (benchmarks/step_floor.cu, step_floor_<N/1024>k.json: its
+    fastest variant), kernel boundaries included. Adds both and their
+    inputs to each row they cover."""
     def load(name):
         path = os.path.join(floors_dir, name)
         if not os.path.exists(path):
@@ -207,9 +252,15 @@ def floor_bounds(step_rows, floors_dir):
     stream = load("stream_floor.json")
     gathers = [g for g in (load("gather_floor.json"), load("gather_floor_32k.json")) if g]
     for r in step_rows:
+        if r["B"] != 1:
+            continue
+        step = load(f"step_floor_{r['N'] // 1024}k.json")
+        if step:
+            us = min(x["us"] for x in step["rows"] if x["mode"] == r["mode"] and x.get("layers", "all") == "all")
+            r.update({"step_floor_us": us, "step_floor_bound": r["full_ms"] * 1e3 / us})
         st = [x["us"] for x in (stream or {}).get("rows", []) if (x["B"], x["N"]) == (r["B"], r["N"])]
         g = next((g for g in gathers if g["N"] == r["N"]), None)
-        if r["B"] != 1 or not st or g is None:
+        if not st or g is None:
             continue
         modes = ("head", "head-union") if r["mode"] == "head" else ("group",)
         ga = min(x["us"] for x in g["rows"] if x["pattern"] == "random" and x["mode"] in modes)
@@ -252,10 +303,11 @@ def parse_shapes(text):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_sweep_args(p, "256,2048,4096")
-    p.add_argument("--rotate", type=int, default=3, help="cache buffers rotated through")
+    p.add_argument("--rotate", type=int, default=3, help="cache buffers the single ops rotate through "
+                   "(the step: more where L2 could serve its sparse layers, step_slots)")
     p.add_argument("--out", default=None, help="JSON path (a PNG plot is written beside it)")
-    p.add_argument("--floors", default=None, help="folder of stream_floor.json and gather_floor*.json: the "
-                   "32-layer step's bound by the floors of its reads (floor_bound)")
+    p.add_argument("--floors", default=None, help="folder of stream_floor.json, gather_floor*.json and "
+                   "step_floor_*k.json: the 32-layer step's bounds by the floors of its reads")
     args = p.parse_args()
 
     torch.manual_seed(0)
@@ -264,7 +316,7 @@ def main():
     rows, step_rows = [], []
     free = torch.cuda.mem_get_info()[0]
     for B, N in parse_shapes(args.shapes):
-        need = args.rotate * 2 * B * HKV * N * D * 2
+        need = step_slots(B, args.rotate) * 2 * B * HKV * N * D * 2
         if need > 0.6 * free:  # e.g. 4x128K on an 80 GB card: take 2x128K, as the issue allows
             B = max(1, B // 2)
         bench_shape(B, N, [int(k) for k in args.top_k.split(",")], args.modes.split(","), bw, rows, step_rows,
@@ -290,6 +342,8 @@ def main():
               f"{r['speedup_vs_cudnn']:7.2f}{100 * r['frac_of_floor']:8.1f}{eager_x:9.2f}")
     for r in step_rows:
         bound = f"   (bound by the floors of its reads: x{r['floor_bound']:.2f})" if "floor_bound" in r else ""
+        if "step_floor_bound" in r:
+            bound += f"   (a step of pure reads: {r['step_floor_us']:.1f} us, x{r['step_floor_bound']:.2f})"
         print(f"step32  {str(r['B']) + 'x' + str(r['N'] // 1024) + 'K':>10}{2048:>6}{r['mode']:>7}{r['ms']:9.4f}"
               f"{r['full_ms']:9.4f}{r['speedup']:7.2f}{bound}")
 

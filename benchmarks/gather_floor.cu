@@ -7,8 +7,8 @@
 // head mode (32 index rows, 4 per KV head) and group mode (8 index rows). Each index row holds K
 // distinct random positions, sorted (as select_attention writes them). "head-union": head mode's
 // reads with each KV head's repeats read once (the union of its 4 heads' random rows, 9% smaller at
-// N = 32K), the floor of a gather that loads each distinct row of a KV head once. Three cache/index
-// sets rotate so L2 (50 MB on an H200) cannot serve a repeat.
+// N = 32K), the floor of a gather that loads each distinct row of a KV head once. Cache/index sets
+// rotate so L2 cannot serve a repeat (twice its size is read in between).
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/gather_floor benchmarks/gather_floor.cu
 //   /tmp/gather_floor [N=131072] [K=2048] > gather.json   (a one-line summary goes to stderr)
@@ -23,40 +23,9 @@
 #include <random>
 #include <vector>
 
-#include "cuda_check.h"
+#include "floor_kernels.cuh"
 
-constexpr int kHkv = 8, kD = 128, kRowBytes = kD * 2, kLanesPerRow = kRowBytes / 16;
 constexpr int kHeadsPerKv = 4;  // head mode: 32 index rows, 4 per KV head
-
-// Each group of 16 lanes reads U items (an item: the K row and the V row of one index entry) with
-// all of its index loads first, then all 2U row loads, so every load of a lane is in flight at once.
-template <int U>
-__global__ void gather_rows(const int4* __restrict__ k, const int4* __restrict__ v, const int* __restrict__ idx,
-                            int64_t items, int K, int sel_per_kv, int64_t N, unsigned* __restrict__ sink) {
-  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  const int64_t group = tid / kLanesPerRow, groups = int64_t(gridDim.x) * blockDim.x / kLanesPerRow;
-  const int lane = threadIdx.x % kLanesPerRow;
-  int pos[U];
-  int64_t base[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) {
-    const int64_t item = group + u * groups;
-    pos[u] = item < items ? __ldg(idx + item) : -1;
-    base[u] = (item / K) / sel_per_kv * N;  // the KV head's first row
-  }
-  unsigned acc = 0;
-  int4 kr[U], vr[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u)
-    if (pos[u] >= 0) {
-      kr[u] = __ldcs(k + (base[u] + pos[u]) * kLanesPerRow + lane);
-      vr[u] = __ldcs(v + (base[u] + pos[u]) * kLanesPerRow + lane);
-    }
-#pragma unroll
-  for (int u = 0; u < U; ++u)
-    if (pos[u] >= 0) acc ^= kr[u].x ^ kr[u].w ^ vr[u].y ^ vr[u].z;
-  if (acc == 0x9e3779b9u) sink[0] = acc;  // keeps the loads; practically never stores
-}
 
 struct Set {
   int4 *k, *v;
@@ -96,11 +65,13 @@ float time_us(const std::vector<Set>& sets, int64_t items, int K, int sel_per_kv
 int main(int argc, char** argv) {
   const int64_t N = argc > 1 ? atoll(argv[1]) : 131072;
   const int K = argc > 2 ? atoi(argv[2]) : 2048;
-  const int kSets = 3;
+  const FloorSetup dev;
+  unsigned* sink = dev.sink;
   std::mt19937 rng(1234);
-  std::vector<Set> sets(kSets);
-  unsigned* sink;
-  CHECK(cudaMalloc(&sink, 4));
+  // Cache/index sets rotated through: at least twice L2's size read between two launches on one set
+  // (group mode reads the fewest rows, kHkv x K), so L2 cannot serve a repeat.
+  const int64_t l2 = dev.prop.l2CacheSize, group_bytes = int64_t(kHkv) * K * 2 * kRowBytes;
+  std::vector<Set> sets(std::max<int64_t>(3, (2 * l2 + group_bytes - 1) / group_bytes + 1));
   const size_t cache_bytes = size_t(kHkv) * N * kRowBytes;
   for (auto& s : sets) {
     CHECK(cudaMalloc(&s.k, cache_bytes));
@@ -133,13 +104,7 @@ int main(int argc, char** argv) {
     CHECK(cudaFree(x));
     CHECK(cudaFree(y));
   }
-  int dev = 0;
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, dev));
-  char date[16];
-  const time_t now = time(nullptr);
-  strftime(date, sizeof date, "%Y-%m-%d", gmtime(&now));
-  printf("{\"device\": \"%s\", \"date\": \"%s\", \"N\": %lld, \"K\": %d, \"copy_tbps\": %.3f, \"rows\": [\n", prop.name, date, (long long)N, K,
+  printf("{\"device\": \"%s\", \"date\": \"%s\", \"N\": %lld, \"K\": %d, \"copy_tbps\": %.3f, \"rows\": [\n", dev.prop.name, dev.date, (long long)N, K,
          copy_tbps);
   // The index sets: each a row length and sel rows (sel / kHkv per KV head; -1 pads a row).
   struct Layout {
@@ -148,16 +113,7 @@ int main(int argc, char** argv) {
     int sel, len;
     std::vector<int> rows;
   };
-  auto random_row = [&](int n) {  // n distinct random positions, sorted (as select_attention writes them)
-    std::vector<int> row;
-    std::vector<char> taken(N, 0);
-    while (row.size() < size_t(n)) {
-      const int p = static_cast<int>(rng() % N);
-      if (!taken[p]) taken[p] = 1, row.push_back(p);
-    }
-    std::sort(row.begin(), row.end());
-    return row;
-  };
+  auto random_row = [&](int n) { return sorted_random_positions(rng, N, n); };
   std::vector<Layout> layouts;
   for (int sel : {kHkv * kHeadsPerKv, kHkv}) {  // head mode, group mode
     Layout l{"random", sel > kHkv ? "head" : "group", sel, K, {}};

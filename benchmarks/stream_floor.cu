@@ -22,10 +22,10 @@
 #include <string>
 #include <vector>
 
-#include "cuda_check.h"
+#include "floor_kernels.cuh"
 #include "tidal/kernels/cuda_attention.cuh"
 
-constexpr int kHkv = 8, kD = 128, kRowBytes = kD * 2, kStages = 3;
+constexpr int kStages = 3;
 
 // The tile kernel's own copy and barrier helpers, so the loads measured are the kernel's.
 using tidal::kernels::cuda::bulk_copy;
@@ -80,68 +80,13 @@ __global__ void __launch_bounds__(2 * kTile) stream_tiles(const char* k, const c
   if (acc == 0x12345678u) sink[0] = acc;
 }
 
-__global__ void stream_ldg(const int4* k, const int4* v, int64_t vecs, unsigned* sink) {
-  unsigned acc = 0;
-  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < vecs; i += 4 * stride) {
-    int4 a[4], b[4];
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-      if (i + u * stride < vecs) a[u] = __ldcs(k + i + u * stride), b[u] = __ldcs(v + i + u * stride);
-#pragma unroll
-    for (int u = 0; u < 4; ++u)
-      if (i + u * stride < vecs) acc ^= a[u].x ^ b[u].w;
-  }
-  if (acc == 0x12345678u) sink[0] = acc;
-}
-
-// Median time of one launch, from replays of a CUDA graph of `rot` launches (one per buffer set), as
-// bench_ops.py times the ops.
-template <typename Launch>
-float median_us(Launch launch, int rot) {
-  cudaStream_t st;
-  CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-  cudaGraph_t graph;
-  cudaGraphExec_t exec;
-  CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
-  for (int i = 0; i < rot; ++i) launch(i, st);
-  CHECK(cudaStreamEndCapture(st, &graph));
-  CHECK(cudaGraphInstantiate(&exec, graph, 0));
-  cudaEvent_t e0, e1;
-  CHECK(cudaEventCreate(&e0));
-  CHECK(cudaEventCreate(&e1));
-  for (int i = 0; i < 3; ++i) CHECK(cudaGraphLaunch(exec, st));
-  std::vector<float> t;
-  for (int i = 0; i < 20; ++i) {
-    CHECK(cudaEventRecord(e0, st));
-    CHECK(cudaGraphLaunch(exec, st));
-    CHECK(cudaEventRecord(e1, st));
-    CHECK(cudaEventSynchronize(e1));
-    float ms;
-    CHECK(cudaEventElapsedTime(&ms, e0, e1));
-    t.push_back(ms * 1e3f / rot);
-  }
-  CHECK(cudaGetLastError());
-  CHECK(cudaGraphExecDestroy(exec));
-  CHECK(cudaGraphDestroy(graph));
-  CHECK(cudaStreamDestroy(st));
-  std::sort(t.begin(), t.end());
-  return t[t.size() / 2];
-}
-
 int main() {
-  int sms;
-  CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0));
-  cudaDeviceProp prop;
-  CHECK(cudaGetDeviceProperties(&prop, 0));
-  unsigned* sink;
-  CHECK(cudaMalloc(&sink, 4));
+  const FloorSetup dev;
+  const int sms = dev.sms;
+  unsigned* sink = dev.sink;
   const int shapes[][2] = {{1, 32768}, {1, 131072}, {8, 32768}, {4, 131072}};
   constexpr int kRot = 3;
-  char date[16];
-  const time_t now = time(nullptr);
-  strftime(date, sizeof date, "%Y-%m-%d", gmtime(&now));
-  printf("{\"device\": \"%s\", \"date\": \"%s\", \"sms\": %d, \"rows\": [\n", prop.name, date, sms);
+  printf("{\"device\": \"%s\", \"date\": \"%s\", \"sms\": %d, \"rows\": [\n", dev.prop.name, dev.date, sms);
   std::string summary = "stream floor (TB/s, 128-row tiles, plan: rows / tile / ldg):";
   bool first = true;
   for (auto& sh : shapes) {

@@ -87,12 +87,12 @@ def test_select_ties_across_top_k_chunks(mode, top_k):
                         rel_tol=1e-5, what="group ties")
 
 
-@pytest.mark.parametrize("in_bin", [3000, 6000], ids=["copied", "cluster-histograms"])
+@pytest.mark.parametrize("in_bin", [3000, 9000], ids=["copied", "cluster-histograms"])
 def test_select_crowded_cut_bin(in_bin):
     """Head mode with the cut inside a crowded first-digit bin full of ties: `in_bin` positions of a
     row score in [0.25, 0.3125) (one bin, 32 distinct values) beside 1000 clear winners, spread over
     the CTAs of the row's cluster. 3000 fit the top-k's copy of the cluster's cut-bin keys
-    (kTopkBinCap = 4096), which every CTA ranks on its own; 6000 do not, and the cluster ranks them
+    (kTopkBinCap = 8192), which every CTA ranks on its own; 9000 do not, and the cluster ranks them
     through its shared histograms. Exact indices, ties to the lowest positions, as in the reference."""
     B, N, D, top_k, sink, recent = 2, 65536, 64, 2000, 3, 5  # D = 64: the scale 1/8 keeps scores exact
     q = torch.zeros(B, 1, D)

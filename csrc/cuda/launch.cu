@@ -100,7 +100,7 @@ int64_t cluster_limit(int device) { return has_sm90(device) ? kMaxCluster : 1; }
 // The top-k kernel's dynamic shared memory: padded to one CTA an SM where `spread`.
 size_t topk_smem_bytes(bool spread) { return spread ? kTopkSpreadSmemBytes : kTopkSmemBytes; }
 
-// The top-k kernel's shared memory (80 KB dynamic, more than the default allows; on sm_90 up to
+// The top-k kernel's shared memory (96 KB dynamic, more than the default allows; on sm_90 up to
 // the padded kTopkSpreadSmemBytes) and carveout (all shared memory, so an SM holds as many of a
 // cluster's CTAs as its registers allow), set once per device (`device`, the current one): the
 // result of the first setting.

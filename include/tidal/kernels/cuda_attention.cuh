@@ -913,6 +913,7 @@ constexpr size_t kTopkSmemBytes =
     2 * kTopkBins * sizeof(int) + kTopkListCap * sizeof(uint2) + kTopkBinCap * sizeof(uint32_t);
 // The same, padded past half of an sm_90 SM's 228 KB: one CTA an SM (TopkParams::spread).
 constexpr size_t kTopkSpreadSmemBytes = 120 * 1024;
+static_assert(kTopkSmemBytes <= kTopkSpreadSmemBytes, "the padded size holds the top-k's shared memory");
 
 // Adds 1 to bin `bin` for every active lane; lanes of a warp with the same bin add once together
 // (score keys crowd into a few bins, and same-address shared atomics serialize). Whole warps call it.

@@ -1,0 +1,138 @@
+// The read-only kernels of the floor benchmarks (gather_floor.cu, stream_floor.cu, step_floor.cu)
+// and their graph timer. Each kernel only loads (an XOR of the data keeps the loads; it practically
+// never stores). Both may be launched early behind the kernel before them (programmatic dependent
+// launch): they let the next kernel start at once and wait for the one before ahead of any load,
+// as the ops' kernels do; without the launch attribute, and below sm_90, both steps are no-ops.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <ctime>
+#include <random>
+#include <vector>
+
+#include "cuda_check.h"
+
+// The shapes of bench_ops.py: bf16, Hkv = 8, D = 128 (256-byte rows, 16 lanes of 16 bytes each).
+constexpr int kHkv = 8, kD = 128, kRowBytes = kD * 2, kLanesPerRow = kRowBytes / 16;
+
+// What each floor program starts with: device 0's properties and SM count, a word for the kernels'
+// never-taken stores, and today's date (UTC) for its JSON.
+struct FloorSetup {
+  cudaDeviceProp prop{};
+  int sms = 0;
+  unsigned* sink = nullptr;
+  char date[16] = {};
+  FloorSetup() {
+    CHECK(cudaGetDeviceProperties(&prop, 0));
+    sms = prop.multiProcessorCount;
+    CHECK(cudaMalloc(&sink, 4));
+    const time_t now = time(nullptr);
+    strftime(date, sizeof date, "%Y-%m-%d", gmtime(&now));
+  }
+};
+
+// n distinct random positions below N, sorted (as select_attention writes an index row).
+inline std::vector<int> sorted_random_positions(std::mt19937& rng, int64_t N, int n) {
+  std::vector<int> row;
+  std::vector<char> taken(N, 0);
+  while (row.size() < size_t(n)) {
+    const int p = static_cast<int>(rng() % N);
+    if (!taken[p]) taken[p] = 1, row.push_back(p);
+  }
+  std::sort(row.begin(), row.end());
+  return row;
+}
+
+__device__ __forceinline__ void start_behind_previous_kernel() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+// Each group of 16 lanes reads U items (an item: the K row and the V row of one index entry) with
+// all of its index loads first, then all 2U row loads, so every load of a lane is in flight at once.
+// Index row r (K entries) reads KV head r / sel_per_kv of a B = 1 cache of N rows a head.
+template <int U>
+__global__ void gather_rows(const int4* __restrict__ k, const int4* __restrict__ v, const int* __restrict__ idx,
+                            int64_t items, int K, int sel_per_kv, int64_t N, unsigned* __restrict__ sink) {
+  start_behind_previous_kernel();
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t group = tid / kLanesPerRow, groups = int64_t(gridDim.x) * blockDim.x / kLanesPerRow;
+  const int lane = threadIdx.x % kLanesPerRow;
+  int pos[U];
+  int64_t base[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) {
+    const int64_t item = group + u * groups;
+    pos[u] = item < items ? __ldg(idx + item) : -1;
+    base[u] = (item / K) / sel_per_kv * N;  // the KV head's first row
+  }
+  unsigned acc = 0;
+  int4 kr[U], vr[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (pos[u] >= 0) {
+      kr[u] = __ldcs(k + (base[u] + pos[u]) * kLanesPerRow + lane);
+      vr[u] = __ldcs(v + (base[u] + pos[u]) * kLanesPerRow + lane);
+    }
+#pragma unroll
+  for (int u = 0; u < U; ++u)
+    if (pos[u] >= 0) acc ^= kr[u].x ^ kr[u].w ^ vr[u].y ^ vr[u].z;
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
+// Plain 16-byte streaming loads of two arrays of `vecs` 16-byte vectors (a K and a V cache).
+__global__ void stream_ldg(const int4* k, const int4* v, int64_t vecs, unsigned* sink) {
+  start_behind_previous_kernel();
+  unsigned acc = 0;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < vecs; i += 4 * stride) {
+    int4 a[4], b[4];
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (i + u * stride < vecs) a[u] = __ldcs(k + i + u * stride), b[u] = __ldcs(v + i + u * stride);
+#pragma unroll
+    for (int u = 0; u < 4; ++u)
+      if (i + u * stride < vecs) acc ^= a[u].x ^ b[u].w;
+  }
+  if (acc == 0x12345678u) sink[0] = acc;
+}
+
+// Median time in us of one launch(i, stream) call, from 20 replays of a CUDA graph of `rot` calls
+// (i = 0 .. rot - 1, one per buffer set), as bench_ops.py times the ops.
+template <typename Launch>
+float median_us(Launch launch, int rot) {
+  cudaStream_t st;
+  CHECK(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CHECK(cudaStreamBeginCapture(st, cudaStreamCaptureModeGlobal));
+  for (int i = 0; i < rot; ++i) launch(i, st);
+  CHECK(cudaStreamEndCapture(st, &graph));
+  CHECK(cudaGraphInstantiate(&exec, graph, 0));
+  cudaEvent_t e0, e1;
+  CHECK(cudaEventCreate(&e0));
+  CHECK(cudaEventCreate(&e1));
+  for (int i = 0; i < 3; ++i) CHECK(cudaGraphLaunch(exec, st));
+  std::vector<float> t;
+  for (int i = 0; i < 20; ++i) {
+    CHECK(cudaEventRecord(e0, st));
+    CHECK(cudaGraphLaunch(exec, st));
+    CHECK(cudaEventRecord(e1, st));
+    CHECK(cudaEventSynchronize(e1));
+    float ms;
+    CHECK(cudaEventElapsedTime(&ms, e0, e1));
+    t.push_back(ms * 1e3f / rot);
+  }
+  CHECK(cudaGetLastError());
+  CHECK(cudaEventDestroy(e0));
+  CHECK(cudaEventDestroy(e1));
+  CHECK(cudaGraphExecDestroy(exec));
+  CHECK(cudaGraphDestroy(graph));
+  CHECK(cudaStreamDestroy(st));
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}

@@ -1,0 +1,109 @@
+// The floor of bench_ops.py's 32-layer attention step at B = 1: the same step with each layer's op
+// replaced by a kernel that only reads what the layer must read, timed as one CUDA graph. Layers 0,
+// 1, 2 and 13 (decode and select) stream their whole K/V cache (floor_kernels.cuh's stream_ldg,
+// 4 CTAs an SM, stream_floor.cu's fastest read at 1x32K); the other 28 read the rows the last
+// select layer listed (gather_rows, one item a lane, 256 threads: gather_floor.cu's fastest). No
+// softmax, no top-k, no split merge: the fastest reads we have of what the step must read, and
+// bench_ops.py divides 32 x cuDNN's step by it (step_floor_bound).
+//
+// Each layer reads a cache of its own, as in a model (so no layer finds the rows it reads in L2).
+// Variants: launches are plain (a layer starts when the one before ends) or early (each kernel is
+// resident behind the one before and starts reading the moment it ends, as the ops' kernels within
+// one op do). Rows with "layers": "sparse" time the 28 sparse layers' reads alone (the step without
+// its dense layers). Index rows: head mode 32 rows (4 per KV head), group mode 8, each top_k
+// distinct random positions, sorted, one set per select layer.
+//
+//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/step_floor benchmarks/step_floor.cu
+//   /tmp/step_floor [N=32768] [top_k=2048] > step_floor.json   (a one-line summary goes to stderr)
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <ctime>
+#include <random>
+#include <vector>
+
+#include "floor_kernels.cuh"
+
+constexpr int kLayers = 32, kHq = 32;
+constexpr int kSelectLayers[] = {2, 13};  // bench_ops.py's TidalConfig(select_layers=(2, 13))
+
+bool dense_layer(int l) { return l < 2 || l == kSelectLayers[0] || l == kSelectLayers[1]; }
+
+// Launches kernel<<<grid, block>>>(args...) on st, programmatically behind the kernel before it
+// where `early`.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), int grid, int block, cudaStream_t st, bool early, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(grid);
+  cfg.blockDim = dim3(block);
+  cfg.stream = st;
+  cudaLaunchAttribute attr;
+  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attr.val.programmaticStreamSerializationAllowed = 1;
+  cfg.attrs = &attr;
+  cfg.numAttrs = early ? 1 : 0;
+  CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+}
+
+int main(int argc, char** argv) {
+  const int64_t N = argc > 1 ? atoll(argv[1]) : 32768;
+  const int K = argc > 2 ? atoi(argv[2]) : 2048;
+  const FloorSetup dev;
+
+  const size_t cache_bytes = size_t(kHkv) * N * kRowBytes;  // one K (or V) cache, B = 1
+  std::vector<int4*> k(kLayers), v(kLayers);
+  for (int l = 0; l < kLayers; ++l) {
+    CHECK(cudaMalloc(&k[l], cache_bytes));
+    CHECK(cudaMalloc(&v[l], cache_bytes));
+    CHECK(cudaMemset(k[l], 1, cache_bytes));
+    CHECK(cudaMemset(v[l], 2, cache_bytes));
+  }
+  // idx[mode][s]: select layer s's index rows (mode 0 head: kHq rows, 1 group: kHkv rows).
+  std::mt19937 rng(1234);
+  int* idx[2][2];
+  for (int mode = 0; mode < 2; ++mode)
+    for (int s = 0; s < 2; ++s) {
+      const int sel = mode == 0 ? kHq : kHkv;
+      std::vector<int> rows;
+      for (int r = 0; r < sel; ++r) {
+        const std::vector<int> row = sorted_random_positions(rng, N, K);
+        rows.insert(rows.end(), row.begin(), row.end());
+      }
+      CHECK(cudaMalloc(&idx[mode][s], rows.size() * 4));
+      CHECK(cudaMemcpy(idx[mode][s], rows.data(), rows.size() * 4, cudaMemcpyHostToDevice));
+    }
+
+  printf("{\"device\": \"%s\", \"date\": \"%s\", \"B\": 1, \"N\": %lld, \"top_k\": %d, \"layers\": %d, \"rows\": [\n",
+         dev.prop.name, dev.date, (long long)N, K, kLayers);
+  const int64_t vecs = cache_bytes / 16;
+  bool first = true;
+  float best[2] = {1e30f, 1e30f};
+  for (int mode = 0; mode < 2; ++mode)
+    for (int early = 0; early < 2; ++early)
+      for (int only_sparse = 0; only_sparse < 2; ++only_sparse) {
+        const int sel = mode == 0 ? kHq : kHkv;
+        const int64_t items = int64_t(sel) * K;
+        const int gather_grid = static_cast<int>((items * kLanesPerRow + 255) / 256);
+        auto step = [&](int, cudaStream_t st) {
+          for (int l = 0; l < kLayers; ++l) {
+            if (!dense_layer(l))
+              launch(gather_rows<1>, gather_grid, 256, st, early, (const int4*)k[l], (const int4*)v[l],
+                     (const int*)idx[mode][l > kSelectLayers[1]], items, K, sel / kHkv, N, dev.sink);
+            else if (!only_sparse)
+              launch(stream_ldg, 4 * dev.sms, 256, st, early, (const int4*)k[l], (const int4*)v[l], vecs, dev.sink);
+          }
+        };
+        const float us = median_us(step, 1);
+        if (!only_sparse) best[mode] = std::min(best[mode], us);
+        printf("%s{\"mode\": \"%s\", \"launch\": \"%s\", \"layers\": \"%s\", \"us\": %.2f}", first ? "" : ",\n",
+               mode == 0 ? "head" : "group", early ? "early" : "plain", only_sparse ? "sparse" : "all", us);
+        first = false;
+      }
+  printf("\n]}\n");
+  fprintf(stderr, "step floor (B 1, N %lld, top-k %d, 32 layers of pure reads): head %.1f us, group %.1f us\n",
+          (long long)N, K, best[0], best[1]);
+  return 0;
+}
