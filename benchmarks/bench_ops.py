@@ -9,8 +9,8 @@ all timed as CUDA-graph replays (what a graph-captured decode step sees; per-cal
 gone), with the eager per-call time recorded too. Times: CUDA events, warm-up, median (of three
 captures' medians, each capture with its own buffers: see graph_ms); inputs rotate so that L2
 (50-60 MB) cannot serve a call's reads: at least twice its size is read between two calls that read
-the same rows (rotation(): more cache buffers for the step, and for sparse_attention disjoint index
-sets over three buffers, disjoint_index_sets()). floor_ms = bytes that must be read / measured copy
+the same rows (rotation(): more cache buffers for the step and sparse_attention, which where they
+are still too few also rotates disjoint index sets, disjoint_index_sets()). floor_ms = bytes that must be read / measured copy
 bandwidth (a device-to-device copy, counting bytes read + written). With --floors (the folder where
 gather_floor.cu, stream_floor.cu and step_floor.cu wrote their JSON, as gpu_check.sh does), each B = 1
 step also gets floor_bound and step_floor_bound: its speedup if every layer ran at the floor of its
@@ -143,13 +143,14 @@ def disjoint_index_sets(n, B, rows, N, k, device="cuda"):
 def step_slots(B, n_rot):
     """Cache buffers the 32-layer step rotates through (layer l reads buffer l % slots), at least
     n_rot: enough that a sparse layer finds none of its rows in L2 from the layer `slots` before it,
-    which read the same rows of the same buffer (group mode reads the fewest, B x Hkv x 2048 rows)."""
+    which read the same rows of the same buffer (group mode reads the fewest, B x Hkv x 2048 rows).
+    sparse_attention's timing rotates them too."""
     return rotation(B * HKV * 2048 * 2 * D * 2, n_rot)
 
 
 def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
     print(f"== B={B} N={N}")
-    slots = step_slots(B, n_rot)  # the first n_rot serve the single ops
+    slots = step_slots(B, n_rot)  # the step and sparse_attention rotate them all, the other ops n_rot
     bufs = [tuple(torch.randn(s, device="cuda", dtype=DTYPE) for s in ((B, HQ, D), (B, HKV, N, D), (B, HKV, N, D)))
             for _ in range(slots)]
     lens = torch.full((B,), N, dtype=torch.int32, device="cuda")
@@ -187,16 +188,16 @@ def bench_shape(B, N, top_ks, modes, bw, rows, step_rows, n_rot):
         naive_sel = timed(lambda i: naive_select(*bufs[i], top_k))[0]
         for mode in modes:
             add("select", lambda i: tidal_ext.select_attention(*bufs[i], lens, top_k, mode), top_k, mode, naive_sel)
-            # sparse: call c reads buffer c % n_rot at index set c // n_rot, the sets disjoint, so no
-            # call reads a row another read in the last 2 x L2 bytes (select's indices of the
-            # n_rot buffers would repeat every n_rot calls, whose rows fit L2 in group mode).
+            # sparse: call c reads buffer c % slots at index set c // slots, the sets disjoint, so no
+            # call reads a row that another read in the last 2 x L2 bytes (select's indices of n_rot
+            # buffers would repeat every n_rot calls, whose rows fit L2 in group mode).
             sel_rows = HQ if mode == "head" else HKV
             row_bytes = unique_rows(disjoint_index_sets(1, B, sel_rows, N, top_k)[0]) * 2 * D * 2
-            n_sets = max(1, min(N // top_k, math.ceil(rotation(row_bytes) / n_rot)))
+            n_sets = max(1, min(N // top_k, math.ceil(rotation(row_bytes) / slots)))
             sets = disjoint_index_sets(n_sets, B, sel_rows, N, top_k)
-            calls = n_rot * n_sets
-            naive_sp = timed(lambda c: naive_sparse(*bufs[c % n_rot], sets[c // n_rot]), calls)[0]
-            add("sparse", lambda c: tidal_ext.sparse_attention(*bufs[c % n_rot], sets[c // n_rot], lens), top_k,
+            calls = slots * n_sets
+            naive_sp = timed(lambda c: naive_sparse(*bufs[c % slots], sets[c // slots]), calls)[0]
+            add("sparse", lambda c: tidal_ext.sparse_attention(*bufs[c % slots], sets[c // slots], lens), top_k,
                 mode, naive_sp, floor=row_bytes / (bw * 1e12) * 1e3, calls=calls)
 
     # 32-layer attention step; layer l reads buffer l % slots, so no layer finds its cache in L2.
