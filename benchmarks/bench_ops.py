@@ -241,8 +241,7 @@ def floor_bounds(step_rows, floors_dir):
     gather_floor_32k.json at 32K: the fastest launch shape of random rows; head mode: the per-head
     rows or each KV head's distinct rows, the faster). step_floor_bound: 32 x SDPA / the whole step
     of such reads timed as one graph (benchmarks/step_floor.cu, step_floor_<N/1024>k.json: its
-    fastest variant), kernel boundaries included. Adds both and their
-    inputs to each row they cover."""
+    fastest variant), kernel boundaries included. Adds both and their inputs to each row they cover."""
     def load(name):
         path = os.path.join(floors_dir, name)
         if not os.path.exists(path):
