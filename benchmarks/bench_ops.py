@@ -251,10 +251,11 @@ def floor_bounds(step_rows, floors_dir):
 
     stream = load("stream_floor.json")
     gathers = [g for g in (load("gather_floor.json"), load("gather_floor_32k.json")) if g]
+    steps = {n: load(f"step_floor_{n // 1024}k.json") for n in {r["N"] for r in step_rows if r["B"] == 1}}
     for r in step_rows:
         if r["B"] != 1:
             continue
-        step = load(f"step_floor_{r['N'] // 1024}k.json")
+        step = steps[r["N"]]
         if step:
             us = min(x["us"] for x in step["rows"] if x["mode"] == r["mode"] and x.get("layers", "all") == "all")
             r.update({"step_floor_us": us, "step_floor_bound": r["full_ms"] * 1e3 / us})
