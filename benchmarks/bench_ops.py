@@ -241,7 +241,9 @@ def floor_bounds(step_rows, floors_dir):
     gather_floor_32k.json at 32K: the fastest launch shape of random rows; head mode: the per-head
     rows or each KV head's distinct rows, the faster). step_floor_bound: 32 x SDPA / the whole step
     of such reads timed as one graph (benchmarks/step_floor.cu, step_floor_<N/1024>k.json: its
-    fastest variant), kernel boundaries included. Adds both and their inputs to each row they cover."""
+    fastest variant), kernel boundaries included; step_merge_floor_bound: the same with a split
+    merge kernel behind every layer, as the ops' split layers have. Adds them and their inputs to
+    each row they cover."""
     def load(name):
         path = os.path.join(floors_dir, name)
         if not os.path.exists(path):
@@ -256,9 +258,11 @@ def floor_bounds(step_rows, floors_dir):
         if r["B"] != 1:
             continue
         step = steps[r["N"]]
-        if step:
-            us = min(x["us"] for x in step["rows"] if x["mode"] == r["mode"] and x.get("layers", "all") == "all")
-            r.update({"step_floor_us": us, "step_floor_bound": r["full_ms"] * 1e3 / us})
+        for merge, key in ((False, "step_floor"), (True, "step_merge_floor")):
+            us = [x["us"] for x in (step or {}).get("rows", []) if x["mode"] == r["mode"]
+                  and x.get("layers", "all") == "all" and x.get("merge", False) == merge]
+            if us:
+                r.update({f"{key}_us": min(us), f"{key}_bound": r["full_ms"] * 1e3 / min(us)})
         st = [x["us"] for x in (stream or {}).get("rows", []) if (x["B"], x["N"]) == (r["B"], r["N"])]
         g = next((g for g in gathers if g["N"] == r["N"]), None)
         if not st or g is None:
@@ -345,6 +349,8 @@ def main():
         bound = f"   (bound by the floors of its reads: x{r['floor_bound']:.2f})" if "floor_bound" in r else ""
         if "step_floor_bound" in r:
             bound += f"   (a step of pure reads: {r['step_floor_us']:.1f} us, x{r['step_floor_bound']:.2f})"
+        if "step_merge_floor_bound" in r:
+            bound += f"   (with a split merge a layer: {r['step_merge_floor_us']:.1f} us, x{r['step_merge_floor_bound']:.2f})"
         print(f"step32  {str(r['B']) + 'x' + str(r['N'] // 1024) + 'K':>10}{2048:>6}{r['mode']:>7}{r['ms']:9.4f}"
               f"{r['full_ms']:9.4f}{r['speedup']:7.2f}{bound}")
 

@@ -1,8 +1,9 @@
-// The read-only kernels of the floor benchmarks (gather_floor.cu, stream_floor.cu, step_floor.cu)
-// and their graph timer. Each kernel only loads (an XOR of the data keeps the loads; it practically
-// never stores). Both may be launched early behind the kernel before them (programmatic dependent
-// launch): they let the next kernel start at once and wait for the one before ahead of any load,
-// as the ops' kernels do; without the launch attribute, and below sm_90, both steps are no-ops.
+// What the floor benchmarks share (gather_floor.cu, stream_floor.cu, step_floor.cu, split_floor.cu):
+// their caches and index rows, the read-only kernels, a stand-in split merge, the launch and the
+// graph timer. Each read kernel only loads (an XOR of the data keeps the loads; it practically never
+// stores). Every kernel may be launched early behind the kernel before it (programmatic dependent
+// launch): it lets the next kernel start at once and waits for the one before ahead of any load, as
+// the ops' kernels do; without the launch attribute, and below sm_90, both steps are no-ops.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -44,6 +45,32 @@ inline std::vector<int> sorted_random_positions(std::mt19937& rng, int64_t N, in
   }
   std::sort(row.begin(), row.end());
   return row;
+}
+
+// A cache a layer for `layers` layers: K and V, each `bytes` of constant (nonzero) fill.
+struct LayerCaches {
+  std::vector<int4*> k, v;
+  LayerCaches(int layers, size_t bytes) : k(layers), v(layers) {
+    for (int l = 0; l < layers; ++l) {
+      CHECK(cudaMalloc(&k[l], bytes));
+      CHECK(cudaMalloc(&v[l], bytes));
+      CHECK(cudaMemset(k[l], 1, bytes));
+      CHECK(cudaMemset(v[l], 2, bytes));
+    }
+  }
+};
+
+// `rows` index rows of n sorted random positions below N each, on the device.
+inline int* device_index_rows(std::mt19937& rng, int rows, int64_t N, int n) {
+  std::vector<int> all;
+  for (int r = 0; r < rows; ++r) {
+    const std::vector<int> row = sorted_random_positions(rng, N, n);
+    all.insert(all.end(), row.begin(), row.end());
+  }
+  int* d = nullptr;
+  CHECK(cudaMalloc(&d, all.size() * sizeof(int)));
+  CHECK(cudaMemcpy(d, all.data(), all.size() * sizeof(int), cudaMemcpyHostToDevice));
+  return d;
 }
 
 __device__ __forceinline__ void start_behind_previous_kernel() {
@@ -99,6 +126,58 @@ __global__ void stream_ldg(const int4* k, const int4* v, int64_t vecs, unsigned*
       if (i + u * stride < vecs) acc ^= a[u].x ^ b[u].w;
   }
   if (acc == 0x12345678u) sink[0] = acc;
+}
+
+// Element d of the merge of `splits` states [O (D floats), m, l], state s at states + s * (D + 2).
+__device__ __forceinline__ float merge_element(const float* states, int splits, int D, int d) {
+  const int stride = D + 2;
+  float m = -1e30f, l = 0.f, o = 0.f;
+  for (int s = 0; s < splits; ++s) m = fmaxf(m, states[s * stride + D]);
+  for (int s = 0; s < splits; ++s) {
+    const float w = __expf(states[s * stride + D] - m);
+    l += w * states[s * stride + D + 1];
+    o += w * states[s * stride + d];
+  }
+  return o / l;
+}
+
+// The least a split layer's combine costs as a kernel of its own (as merge_splits follows the
+// attention and gather kernels): each CTA (an output row) weighs `splits` partial softmax states
+// [O (blockDim.x floats), m, l] from `part` and writes its row. The kernel before it writes no
+// partials (fewer stores than any real split layer makes), so a step with these merges still bounds
+// from below every design that splits rows over CTAs and merges them in a kernel after.
+__global__ void merge_partials(const float* __restrict__ part, int splits, float* __restrict__ out) {
+  start_behind_previous_kernel();
+  const int D = blockDim.x;
+  out[int64_t(blockIdx.x) * D + threadIdx.x] =
+      merge_element(part + int64_t(blockIdx.x) * splits * (D + 2), splits, D, threadIdx.x);
+}
+
+// A launch's shape: grid and block, dynamic shared memory, CTAs a thread-block cluster.
+struct LaunchShape {
+  int grid, block, smem = 0, cluster = 1;
+};
+
+// Launches kernel(args...) on st in that shape, programmatically behind the kernel before it where
+// `early`.
+template <typename... Params, typename... Args>
+void launch(void (*kernel)(Params...), LaunchShape shape, cudaStream_t st, bool early, Args... args) {
+  cudaLaunchConfig_t cfg = {};
+  cfg.gridDim = dim3(shape.grid);
+  cfg.blockDim = dim3(shape.block);
+  cfg.dynamicSmemBytes = shape.smem;
+  cfg.stream = st;
+  cudaLaunchAttribute attrs[2];
+  cfg.attrs = attrs;
+  if (early) {
+    attrs[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+    attrs[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+  }
+  if (shape.cluster > 1) {
+    attrs[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
+    attrs[cfg.numAttrs++].val.clusterDim = {static_cast<unsigned>(shape.cluster), 1, 1};
+  }
+  CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
 }
 
 // Median time in us of one launch(i, stream) call, from 20 replays of a CUDA graph of `rot` calls

@@ -6,7 +6,8 @@
 # machine, the build kept: STAGES="fuzz app", then STAGES=accuracy). Logs and JSON go under $OUT; a
 # short summary is printed last.
 #   bench     benchmarks/gather_floor.cu (the practical floor of random-row reads), stream_floor.cu (of
-#             the tile kernel's loads), step_floor.cu (of the 32-layer step), bench_ops.py
+#             the tile kernel's loads), step_floor.cu (of the 32-layer step), split_floor.cu (of a
+#             sparse layer's split combine, by design), bench_ops.py
 #   fuzz      tests/fuzz.py, 8 processes, FUZZ_CASES (10000) within FUZZ_SECONDS (400)
 #   app       the C++ examples built against the installed package, then the C++ decode app benchmark
 #   accuracy  benchmarks/eval_accuracy.py on SmolLM2. The GGUF file is larger than one call may
@@ -114,11 +115,17 @@ if has bench; then
   nvcc -O3 -std=c++17 -Iinclude -gencode=arch=compute_90a,code=sm_90a -o /tmp/stream_floor benchmarks/stream_floor.cu &&
     /tmp/stream_floor >"$OUT/stream_floor.json" 2>"$OUT/stream_floor.log"
   summary+=("$(tail -1 "$OUT/stream_floor.log")")
-  # The whole 32-layer step with every layer a pure read, timed as one graph: bench_ops' step_floor_bound.
+  # The whole 32-layer step with every layer a pure read, timed as one graph, and with a split merge
+  # kernel behind each layer: bench_ops' step_floor_bound and step_merge_floor_bound.
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/step_floor benchmarks/step_floor.cu &&
     /tmp/step_floor 32768 2048 >"$OUT/step_floor_32k.json" 2>"$OUT/step_floor.log" &&
     /tmp/step_floor 131072 2048 >"$OUT/step_floor_128k.json" 2>>"$OUT/step_floor.log"
   summary+=("$(tail -2 "$OUT/step_floor.log" | tr '\n' ' ')")
+  # What combining a sparse layer's split rows costs beyond reading them, by design (merge kernel,
+  # thread-block cluster, one CTA a row), in read-only kernels.
+  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/split_floor benchmarks/split_floor.cu &&
+    /tmp/split_floor 32768 2048 >"$OUT/split_floor_32k.json" 2>"$OUT/split_floor.log"
+  summary+=("$(tail -1 "$OUT/split_floor.log")")
   "$PY" benchmarks/bench_ops.py --out "$OUT/ops.json" --floors "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -70
 fi
 

@@ -10,8 +10,11 @@
 // Variants: launches are plain (a layer starts when the one before ends) or early (each kernel is
 // resident behind the one before and starts reading the moment it ends, as the ops' kernels within
 // one op do). Rows with "layers": "sparse" time the 28 sparse layers' reads alone (the step without
-// its dense layers). Index rows: head mode 32 rows (4 per KV head), group mode 8, each top_k
-// distinct random positions, sorted, one set per select layer.
+// its dense layers). Rows with "merge": true put floor_kernels.cuh's merge_partials behind every
+// layer (32 rows of kMergeSplits partial states each): the floor of a step whose layers split their
+// rows over CTAs and merge them in a kernel of their own, as the ops do (still no softmax, no
+// top-k). Index rows: head mode 32 rows (4 per KV head), group mode 8, each top_k distinct random
+// positions, sorted, one set per select layer.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/step_floor benchmarks/step_floor.cu
 //   /tmp/step_floor [N=32768] [top_k=2048] > step_floor.json   (a one-line summary goes to stderr)
@@ -27,25 +30,10 @@
 #include "floor_kernels.cuh"
 
 constexpr int kLayers = 32, kHq = 32;
+constexpr int kMergeSplits = 8;  // sparse_attention's splits at 1x32K, head mode
 constexpr int kSelectLayers[] = {2, 13};  // bench_ops.py's TidalConfig(select_layers=(2, 13))
 
 bool dense_layer(int l) { return l < 2 || l == kSelectLayers[0] || l == kSelectLayers[1]; }
-
-// Launches kernel<<<grid, block>>>(args...) on st, programmatically behind the kernel before it
-// where `early`.
-template <typename... Params, typename... Args>
-void launch(void (*kernel)(Params...), int grid, int block, cudaStream_t st, bool early, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(grid);
-  cfg.blockDim = dim3(block);
-  cfg.stream = st;
-  cudaLaunchAttribute attr;
-  attr.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  attr.val.programmaticStreamSerializationAllowed = 1;
-  cfg.attrs = &attr;
-  cfg.numAttrs = early ? 1 : 0;
-  CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
-}
 
 int main(int argc, char** argv) {
   const int64_t N = argc > 1 ? atoll(argv[1]) : 32768;
@@ -53,56 +41,53 @@ int main(int argc, char** argv) {
   const FloorSetup dev;
 
   const size_t cache_bytes = size_t(kHkv) * N * kRowBytes;  // one K (or V) cache, B = 1
-  std::vector<int4*> k(kLayers), v(kLayers);
-  for (int l = 0; l < kLayers; ++l) {
-    CHECK(cudaMalloc(&k[l], cache_bytes));
-    CHECK(cudaMalloc(&v[l], cache_bytes));
-    CHECK(cudaMemset(k[l], 1, cache_bytes));
-    CHECK(cudaMemset(v[l], 2, cache_bytes));
-  }
+  const LayerCaches caches(kLayers, cache_bytes);
+  const std::vector<int4*>&k = caches.k, &v = caches.v;
   // idx[mode][s]: select layer s's index rows (mode 0 head: kHq rows, 1 group: kHkv rows).
   std::mt19937 rng(1234);
   int* idx[2][2];
   for (int mode = 0; mode < 2; ++mode)
-    for (int s = 0; s < 2; ++s) {
-      const int sel = mode == 0 ? kHq : kHkv;
-      std::vector<int> rows;
-      for (int r = 0; r < sel; ++r) {
-        const std::vector<int> row = sorted_random_positions(rng, N, K);
-        rows.insert(rows.end(), row.begin(), row.end());
-      }
-      CHECK(cudaMalloc(&idx[mode][s], rows.size() * 4));
-      CHECK(cudaMemcpy(idx[mode][s], rows.data(), rows.size() * 4, cudaMemcpyHostToDevice));
-    }
+    for (int s = 0; s < 2; ++s) idx[mode][s] = device_index_rows(rng, mode == 0 ? kHq : kHkv, N, K);
+
+  float *part, *merged;  // merge_partials' input (zeros, in L2 as partials just written are) and output
+  const size_t part_bytes = size_t(kHq) * kMergeSplits * (kD + 2) * sizeof(float);
+  CHECK(cudaMalloc(&part, part_bytes));
+  CHECK(cudaMemset(part, 0, part_bytes));
+  CHECK(cudaMalloc(&merged, size_t(kHq) * kD * sizeof(float)));
 
   printf("{\"device\": \"%s\", \"date\": \"%s\", \"B\": 1, \"N\": %lld, \"top_k\": %d, \"layers\": %d, \"rows\": [\n",
          dev.prop.name, dev.date, (long long)N, K, kLayers);
   const int64_t vecs = cache_bytes / 16;
   bool first = true;
-  float best[2] = {1e30f, 1e30f};
-  for (int mode = 0; mode < 2; ++mode)
-    for (int early = 0; early < 2; ++early)
-      for (int only_sparse = 0; only_sparse < 2; ++only_sparse) {
-        const int sel = mode == 0 ? kHq : kHkv;
-        const int64_t items = int64_t(sel) * K;
-        const int gather_grid = static_cast<int>((items * kLanesPerRow + 255) / 256);
-        auto step = [&](int, cudaStream_t st) {
-          for (int l = 0; l < kLayers; ++l) {
-            if (!dense_layer(l))
-              launch(gather_rows<1>, gather_grid, 256, st, early, (const int4*)k[l], (const int4*)v[l],
-                     (const int*)idx[mode][l > kSelectLayers[1]], items, K, sel / kHkv, N, dev.sink);
-            else if (!only_sparse)
-              launch(stream_ldg, 4 * dev.sms, 256, st, early, (const int4*)k[l], (const int4*)v[l], vecs, dev.sink);
-          }
-        };
-        const float us = median_us(step, 1);
-        if (!only_sparse) best[mode] = std::min(best[mode], us);
-        printf("%s{\"mode\": \"%s\", \"launch\": \"%s\", \"layers\": \"%s\", \"us\": %.2f}", first ? "" : ",\n",
-               mode == 0 ? "head" : "group", early ? "early" : "plain", only_sparse ? "sparse" : "all", us);
-        first = false;
+  float best[2][2] = {{1e30f, 1e30f}, {1e30f, 1e30f}};  // [merge][mode]
+  for (int variant = 0; variant < 16; ++variant) {
+    const int merge = variant >> 3, mode = (variant >> 2) & 1, early = (variant >> 1) & 1, only_sparse = variant & 1;
+    const int sel = mode == 0 ? kHq : kHkv;
+    const int64_t items = int64_t(sel) * K;
+    const int gather_grid = static_cast<int>((items * kLanesPerRow + 255) / 256);
+    auto step = [&](int, cudaStream_t st) {
+      for (int l = 0; l < kLayers; ++l) {
+        if (!dense_layer(l))
+          launch(gather_rows<1>, {gather_grid, 256}, st, early, (const int4*)k[l], (const int4*)v[l],
+                 (const int*)idx[mode][l > kSelectLayers[1]], items, K, sel / kHkv, N, dev.sink);
+        else if (!only_sparse)
+          launch(stream_ldg, {4 * dev.sms, 256}, st, early, (const int4*)k[l], (const int4*)v[l], vecs, dev.sink);
+        else
+          continue;
+        if (merge) launch(merge_partials, {kHq, kD}, st, early, (const float*)part, kMergeSplits, merged);
       }
+    };
+    const float us = median_us(step, 1);
+    if (!only_sparse) best[merge][mode] = std::min(best[merge][mode], us);
+    printf("%s{\"mode\": \"%s\", \"launch\": \"%s\", \"layers\": \"%s\", \"merge\": %s, \"us\": %.2f}",
+           first ? "" : ",\n", mode == 0 ? "head" : "group", early ? "early" : "plain",
+           only_sparse ? "sparse" : "all", merge ? "true" : "false", us);
+    first = false;
+  }
   printf("\n]}\n");
-  fprintf(stderr, "step floor (B 1, N %lld, top-k %d, 32 layers of pure reads): head %.1f us, group %.1f us\n",
-          (long long)N, K, best[0], best[1]);
+  fprintf(stderr,
+          "step floor (B 1, N %lld, top-k %d, 32 layers of pure reads): head %.1f us, group %.1f us; "
+          "a split merge behind each layer: head %.1f us, group %.1f us\n",
+          (long long)N, K, best[0][0], best[0][1], best[1][0], best[1][1]);
   return 0;
 }

@@ -1,8 +1,9 @@
 """CPU test of benchmarks/bench_ops.py's step bounds: floor_bound is 32 x SDPA over the floors of the
 step's reads (dense layers at the stream floor, sparse layers at the gather floor; head mode the
 faster of its per-head and distinct rows), step_floor_bound 32 x SDPA over the fastest pure-read step
-of the mode (step_floor.cu), each only where its floors were measured (B = 1, same N); and the
-rotation that keeps L2 from serving a benchmark's repeated reads."""
+of the mode (step_floor.cu) and step_merge_floor_bound over the fastest such step with a split merge
+behind each layer, each only where its floors were measured (B = 1, same N); and the rotation that
+keeps L2 from serving a benchmark's repeated reads."""
 import json
 import os
 import sys
@@ -36,7 +37,10 @@ def test_floor_bound_from_the_floor_files(tmp_path):
         {"mode": "head", "launch": "plain", "layers": "all", "us": 560.0},
         {"mode": "head", "launch": "early", "layers": "all", "us": 550.0},
         {"mode": "head", "launch": "early", "layers": "sparse", "us": 400.0},  # not the whole step: ignored
-        {"mode": "group", "launch": "early", "layers": "all", "us": 330.0}]})
+        {"mode": "group", "launch": "early", "layers": "all", "us": 330.0},
+        {"mode": "head", "launch": "early", "layers": "all", "merge": True, "us": 580.0},
+        {"mode": "head", "launch": "plain", "layers": "all", "merge": True, "us": 590.0},
+        {"mode": "head", "launch": "early", "layers": "sparse", "merge": True, "us": 420.0}]})  # no group merge row
     bench_ops.floor_bounds(rows, str(tmp_path))
     head, group, b8, n128 = rows
     assert head["stream_floor_us"] == 45.0 and head["gather_floor_us"] == 13.2
@@ -47,6 +51,8 @@ def test_floor_bound_from_the_floor_files(tmp_path):
     assert head["step_floor_us"] == 550.0 and head["step_floor_bound"] == pytest.approx(1640.0 / 550.0)
     assert group["step_floor_bound"] == pytest.approx(1640.0 / 330.0)
     assert "step_floor_bound" not in b8 and "step_floor_bound" not in n128
+    assert head["step_merge_floor_us"] == 580.0 and head["step_merge_floor_bound"] == pytest.approx(1640.0 / 580.0)
+    assert "step_merge_floor_bound" not in group and "step_merge_floor_bound" not in b8
 
 
 def test_floor_bound_without_floor_files(tmp_path):
