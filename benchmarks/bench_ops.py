@@ -11,10 +11,12 @@ captures' medians, each capture with its own buffers: see graph_ms); inputs rota
 (50-60 MB) cannot serve a call's reads: at least twice its size is read between two calls that read
 the same rows (rotation(): more cache buffers for the step and sparse_attention, which where they
 are still too few also rotates disjoint index sets, disjoint_index_sets()). floor_ms = bytes that
-must be read / measured copy bandwidth (a device-to-device copy, counting bytes read + written). With --floors (the folder where
-gather_floor.cu, stream_floor.cu and step_floor.cu wrote their JSON, as gpu_check.sh does), each B = 1
-step also gets floor_bound and step_floor_bound: its speedup if every layer ran at the floor of its
-reads and did nothing else (the layers' floors added up, and such a step timed as one graph).
+must be read / measured copy bandwidth (a device-to-device copy, counting bytes read + written).
+With --floors (the folder where gather_floor.cu, stream_floor.cu and step_floor.cu wrote their
+JSON, as gpu_check.sh does), each B = 1 step also gets floor_bound and step_floor_bound: its speedup
+if every layer ran at the floor of its reads and did nothing else (the layers' floors added up, and
+such a step timed as one graph), and step_merge_floor_bound: the same graph with a split merge
+kernel behind every layer.
 
     python benchmarks/bench_ops.py --out benchmarks/results/ops_h100.json [--floors $OUT]
 """

@@ -158,26 +158,36 @@ struct LaunchShape {
   int grid, block, smem = 0, cluster = 1;
 };
 
+// The launch configuration of that shape on st, programmatically behind the kernel before it where
+// `early` (for cudaLaunchKernelEx and the cluster occupancy query).
+struct LaunchConfig {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attrs[2];
+  LaunchConfig(LaunchShape shape, cudaStream_t st, bool early) {
+    cfg.gridDim = dim3(shape.grid);
+    cfg.blockDim = dim3(shape.block);
+    cfg.dynamicSmemBytes = shape.smem;
+    cfg.stream = st;
+    cfg.attrs = attrs;
+    if (early) {
+      attrs[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+      attrs[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
+    }
+    if (shape.cluster > 1) {
+      attrs[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
+      attrs[cfg.numAttrs++].val.clusterDim = {static_cast<unsigned>(shape.cluster), 1, 1};
+    }
+  }
+  LaunchConfig(const LaunchConfig&) = delete;  // cfg.attrs points into this object
+  LaunchConfig& operator=(const LaunchConfig&) = delete;
+};
+
 // Launches kernel(args...) on st in that shape, programmatically behind the kernel before it where
 // `early`.
 template <typename... Params, typename... Args>
 void launch(void (*kernel)(Params...), LaunchShape shape, cudaStream_t st, bool early, Args... args) {
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(shape.grid);
-  cfg.blockDim = dim3(shape.block);
-  cfg.dynamicSmemBytes = shape.smem;
-  cfg.stream = st;
-  cudaLaunchAttribute attrs[2];
-  cfg.attrs = attrs;
-  if (early) {
-    attrs[cfg.numAttrs].id = cudaLaunchAttributeProgrammaticStreamSerialization;
-    attrs[cfg.numAttrs++].val.programmaticStreamSerializationAllowed = 1;
-  }
-  if (shape.cluster > 1) {
-    attrs[cfg.numAttrs].id = cudaLaunchAttributeClusterDimension;
-    attrs[cfg.numAttrs++].val.clusterDim = {static_cast<unsigned>(shape.cluster), 1, 1};
-  }
-  CHECK(cudaLaunchKernelEx(&cfg, kernel, args...));
+  const LaunchConfig config(shape, st, early);
+  CHECK(cudaLaunchKernelEx(&config.cfg, kernel, args...));
 }
 
 // Median time in us of one launch(i, stream) call, from 20 replays of a CUDA graph of `rot` calls

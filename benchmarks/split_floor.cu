@@ -143,17 +143,9 @@ int main(int argc, char** argv) {
   for (const auto& c : cluster_shapes) {
     const int splits = c[0], per_sm = c[1];
     const LaunchShape shape = {kHq * splits, 256, smem_for(per_sm), splits};
-    cudaLaunchConfig_t cfg = {};
-    cfg.gridDim = dim3(shape.grid);
-    cfg.blockDim = dim3(shape.block);
-    cfg.dynamicSmemBytes = shape.smem;
-    cudaLaunchAttribute attr;
-    attr.id = cudaLaunchAttributeClusterDimension;
-    attr.val.clusterDim = {static_cast<unsigned>(splits), 1, 1};
-    cfg.attrs = &attr;
-    cfg.numAttrs = 1;
+    const LaunchConfig config(shape, nullptr, false);
     int active = 0;  // clusters of this shape the card runs at once (under 32: the rows take two waves)
-    CHECK(cudaOccupancyMaxActiveClusters(&active, split_rows<4, true>, &cfg));
+    CHECK(cudaOccupancyMaxActiveClusters(&active, split_rows<4, true>, &config.cfg));
     const float us = layer_us([&](int l, cudaStream_t st) {
       launch(split_rows<4, true>, shape, st, true, (const int4*)k[l], (const int4*)v[l], set(l), K, splits, N,
              part, out, dev.sink);
