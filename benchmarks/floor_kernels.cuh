@@ -111,6 +111,12 @@ __global__ void gather_rows(const int4* __restrict__ k, const int4* __restrict__
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
+// CTAs of `block` threads that give gather_rows<U> a group of 16 lanes for every U of `items`.
+inline int gather_rows_grid(int64_t items, int U, int block) {
+  const int64_t threads = (items + U - 1) / U * kLanesPerRow;
+  return static_cast<int>((threads + block - 1) / block);
+}
+
 // Plain 16-byte streaming loads of two arrays of `vecs` 16-byte vectors (a K and a V cache).
 __global__ void stream_ldg(const int4* k, const int4* v, int64_t vecs, unsigned* sink) {
   start_behind_previous_kernel();

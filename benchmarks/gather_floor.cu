@@ -34,8 +34,7 @@ struct Set {
 template <int U>
 float time_us(const std::vector<Set>& sets, int64_t items, int K, int sel_per_kv, int64_t N, int block,
               unsigned* sink) {
-  const int64_t threads = (items + U - 1) / U * kLanesPerRow;
-  const int grid = static_cast<int>((threads + block - 1) / block);
+  const int grid = gather_rows_grid(items, U, block);
   auto launch = [&](const Set& s) {
     gather_rows<U><<<grid, block>>>(s.k, s.v, s.idx, items, K, sel_per_kv, N, sink);
   };

@@ -118,7 +118,7 @@ int main(int argc, char** argv) {
   };
 
   const int64_t items = int64_t(kHq) * K;
-  const int gather_grid = static_cast<int>((items * kLanesPerRow + 255) / 256);
+  const int gather_grid = gather_rows_grid(items, 1, 256);
   const float gather = layer_us([&](int l, cudaStream_t st) {
     launch(gather_rows<1>, {gather_grid, 256}, st, true, (const int4*)k[l], (const int4*)v[l], set(l), items, K,
            kHeadsPerKv, N, dev.sink);

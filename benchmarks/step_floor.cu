@@ -64,7 +64,7 @@ int main(int argc, char** argv) {
     const int merge = variant >> 3, mode = (variant >> 2) & 1, early = (variant >> 1) & 1, only_sparse = variant & 1;
     const int sel = mode == 0 ? kHq : kHkv;
     const int64_t items = int64_t(sel) * K;
-    const int gather_grid = static_cast<int>((items * kLanesPerRow + 255) / 256);
+    const int gather_grid = gather_rows_grid(items, 1, 256);
     auto step = [&](int, cudaStream_t st) {
       for (int l = 0; l < kLayers; ++l) {
         if (!dense_layer(l))
