@@ -15,8 +15,9 @@ must be read / measured copy bandwidth (a device-to-device copy, counting bytes 
 With --floors (the folder where gather_floor.cu, stream_floor.cu and step_floor.cu wrote their
 JSON, as gpu_check.sh does), each B = 1 step also gets floor_bound and step_floor_bound: its speedup
 if every layer ran at the floor of its reads and did nothing else (the layers' floors added up, and
-such a step timed as one graph), and step_merge_floor_bound: the same graph with a split merge
-kernel behind every layer.
+such a step timed as one graph), and step_merge_floor_bound: the fastest such graph that also
+combines what its layers split over CTAs (a merge kernel behind every split layer; with sparse
+layers read one CTA an index row, behind the dense layers only).
 
     python benchmarks/bench_ops.py --out benchmarks/results/ops_h100.json [--floors $OUT]
 """
@@ -243,9 +244,10 @@ def floor_bounds(step_rows, floors_dir):
     gather_floor_32k.json at 32K: the fastest launch shape of random rows; head mode: the per-head
     rows or each KV head's distinct rows, the faster). step_floor_bound: 32 x SDPA / the whole step
     of such reads timed as one graph (benchmarks/step_floor.cu, step_floor_<N/1024>k.json: its
-    fastest variant), kernel boundaries included; step_merge_floor_bound: the same with a split
-    merge kernel behind every layer, as the ops' split layers have. Adds them and their inputs to
-    each row they cover."""
+    fastest variant), kernel boundaries included; step_merge_floor_bound: the fastest such step
+    that also merges whatever its layers split over CTAs, as the ops' split layers do (rows with
+    "merge": true: a merge kernel behind every layer, or, where the sparse layers read one CTA an
+    index row, behind the dense layers only). Adds them and their inputs to each row they cover."""
     def load(name):
         path = os.path.join(floors_dir, name)
         if not os.path.exists(path):
@@ -352,7 +354,7 @@ def main():
         if "step_floor_bound" in r:
             bound += f"   (a step of pure reads: {r['step_floor_us']:.1f} us, x{r['step_floor_bound']:.2f})"
         if "step_merge_floor_bound" in r:
-            bound += f"   (with a split merge a layer: {r['step_merge_floor_us']:.1f} us, x{r['step_merge_floor_bound']:.2f})"
+            bound += f"   (with the merges its layers need: {r['step_merge_floor_us']:.1f} us, x{r['step_merge_floor_bound']:.2f})"
         print(f"step32  {str(r['B']) + 'x' + str(r['N'] // 1024) + 'K':>10}{2048:>6}{r['mode']:>7}{r['ms']:9.4f}"
               f"{r['full_ms']:9.4f}{r['speedup']:7.2f}{bound}")
 

@@ -6,6 +6,7 @@
 // the ops' kernels do; without the launch attribute, and below sm_90, both steps are no-ops.
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -146,6 +147,79 @@ __device__ __forceinline__ float merge_element(const float* states, int splits, 
   }
   return o / l;
 }
+
+constexpr int kState = kD + 2;  // a partial softmax state: [O (D floats), m, l]
+
+// A sparse layer's reads shaped as a kernel that splits each index row over `splits` CTAs: CTA (row,
+// split) reads its row's entries [split * per, (split + 1) * per), per = K / splits, in groups of 16
+// lanes, U entries a group in flight, the next entries' positions loaded before the rows are
+// consumed (splits = 1: one CTA a row, nothing to combine). Index row r reads KV head r / sel_per_kv.
+// Then the CTA's stand-in state is combined as `combine` says:
+//   kPartials  stored to `part`, for merge_partials (a kernel of its own) to combine
+//   kCluster   put in the shared memory of the cluster's leader CTA (the cluster is the row's
+//              splits), which after one cluster barrier writes the row of `out`
+//   kLastCta   stored to `part`, then (a fence, one atomic add on the row's `arrivals` word) the last
+//              CTA of the row to arrive reads the row's partials back, writes its row of `out` and
+//              zeroes the word for the next call
+enum class Combine { kPartials, kCluster, kLastCta };
+template <int U, Combine combine>
+__global__ void split_rows(const int4* __restrict__ k, const int4* __restrict__ v, const int* __restrict__ idx,
+                           int K, int splits, int sel_per_kv, int64_t N, float* __restrict__ part,
+                           float* __restrict__ out, unsigned* __restrict__ arrivals, unsigned* __restrict__ sink) {
+  start_behind_previous_kernel();
+  extern __shared__ float leader_states[];  // [splits][kState] (kCluster: used in the leader only)
+  __shared__ bool last;  // kLastCta: this CTA is the last of its row to arrive
+  const int per = K / splits, row = blockIdx.x / splits, split = blockIdx.x % splits;
+  const int* ix = idx + int64_t(row) * K + split * per;
+  const int64_t base = int64_t(row / sel_per_kv) * N * kLanesPerRow;
+  const int groups = blockDim.x / kLanesPerRow, g = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
+  int pos[U];
+#pragma unroll
+  for (int u = 0; u < U; ++u) pos[u] = g + u * groups < per ? ix[g + u * groups] : -1;
+  unsigned acc = 0;
+  for (int e = 0; e < per; e += groups * U) {
+    int4 kr[U], vr[U];
+#pragma unroll
+    for (int u = 0; u < U; ++u)
+      if (pos[u] >= 0) {
+        kr[u] = __ldcs(k + base + int64_t(pos[u]) * kLanesPerRow + lane);
+        vr[u] = __ldcs(v + base + int64_t(pos[u]) * kLanesPerRow + lane);
+      }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {  // the next position's load goes out before this row is waited for
+      const int next = e + groups * U + g + u * groups, cur = pos[u];
+      pos[u] = next < per ? ix[next] : -1;
+      if (cur >= 0) acc ^= kr[u].x ^ vr[u].w;
+    }
+  }
+  const float x = float(acc & 7u);  // a stand-in for the CTA's state, kept alive by the loads
+  if constexpr (combine == Combine::kCluster) {
+    namespace cg = cooperative_groups;
+    const cg::cluster_group cluster = cg::this_cluster();
+    float* leader = cluster.map_shared_rank(leader_states, 0);
+    if (threadIdx.x < kState) leader[cluster.block_rank() * kState + threadIdx.x] = x + threadIdx.x;
+    cluster.sync();
+    if (cluster.block_rank() == 0 && threadIdx.x < kD)
+      out[int64_t(row) * kD + threadIdx.x] = merge_element(leader_states, splits, kD, threadIdx.x);
+  } else {
+    if (threadIdx.x < kState) part[int64_t(blockIdx.x) * kState + threadIdx.x] = x;
+    if constexpr (combine == Combine::kLastCta) {
+      __threadfence();  // this CTA's partial is visible before its arrival counts
+      __syncthreads();
+      if (threadIdx.x == 0) last = atomicAdd(arrivals + row, 1u) == unsigned(splits - 1);
+      __syncthreads();
+      if (last) {
+        __threadfence();  // the other CTAs' partials, counted before this arrival, are read after it
+        if (threadIdx.x < kD)
+          out[int64_t(row) * kD + threadIdx.x] =
+              merge_element(part + int64_t(row) * splits * kState, splits, kD, threadIdx.x);
+        if (threadIdx.x == 0) arrivals[row] = 0;
+      }
+    }
+  }
+  if (acc == 0x9e3779b9u) sink[0] = acc;
+}
+
 
 // The least a split layer's combine costs as a kernel of its own (as merge_splits follows the
 // attention and gather kernels): each CTA (an output row) weighs `splits` partial softmax states

@@ -4,7 +4,8 @@
 # (the default STAGES, about 8 minutes on an H200: one call), and on request the 10,000-case fuzz,
 # the C++ examples + app benchmark and the SmolLM2 accuracy evaluation (further calls on the warm
 # machine, the build kept: STAGES="fuzz app", then STAGES=accuracy). Logs and JSON go under $OUT; a
-# short summary is printed last.
+# short summary is printed last. PACK=1 packs them into $OUT/gpu_check.tgz instead (the device tool
+# brings back at most 8 files a call).
 #   bench     benchmarks/gather_floor.cu (the practical floor of random-row reads), stream_floor.cu (of
 #             the tile kernel's loads), step_floor.cu (of the 32-layer step), split_floor.cu (of a
 #             sparse layer's split combine, by design), bench_ops.py
@@ -115,8 +116,8 @@ if has bench; then
   nvcc -O3 -std=c++17 -Iinclude -gencode=arch=compute_90a,code=sm_90a -o /tmp/stream_floor benchmarks/stream_floor.cu &&
     /tmp/stream_floor >"$OUT/stream_floor.json" 2>"$OUT/stream_floor.log"
   summary+=("$(tail -1 "$OUT/stream_floor.log")")
-  # The whole 32-layer step with every layer a pure read, timed as one graph, and with a split merge
-  # kernel behind each layer: bench_ops' step_floor_bound and step_merge_floor_bound.
+  # The whole 32-layer step with every layer a pure read, timed as one graph, and with the merge
+  # kernels its layers' splits need: bench_ops' step_floor_bound and step_merge_floor_bound.
   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/step_floor benchmarks/step_floor.cu &&
     /tmp/step_floor 32768 2048 >"$OUT/step_floor_32k.json" 2>"$OUT/step_floor.log" &&
     /tmp/step_floor 131072 2048 >"$OUT/step_floor_128k.json" 2>>"$OUT/step_floor.log"
@@ -162,3 +163,6 @@ fi
 echo
 echo "== gpu_check summary"
 for line in "${summary[@]}"; do echo "  $line"; done
+if [ "${PACK:-0}" = 1 ]; then
+  tar czf /tmp/gpu_check.tgz -C "$OUT" . && rm -rf "${OUT:?}"/* && mv /tmp/gpu_check.tgz "$OUT/"
+fi

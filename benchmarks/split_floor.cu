@@ -7,15 +7,20 @@
 //   split         a CTA of 256 threads per index row and split, 8 splits, two CTAs an SM (the
 //                 gather kernel's shape); each CTA stores a softmax-state-sized partial
 //   split+merge   the same, then floor_kernels.cuh's merge_partials kernel (as the ops do)
+//   split+last    the same, the last CTA of a row to arrive (an atomic count) merging it
 //   cluster       a row's splits as one thread-block cluster: each CTA puts its state in the leader
 //                 CTA's shared memory, one cluster barrier, the leader writes the row (no merge
-//                 kernel); at 2, 3 or 4 CTAs an SM (set by shared memory) and 6 to 16 splits
-//   row           one 1024-thread CTA per index row: no split, so nothing to combine
+//                 kernel); 2 to 16 splits of 256 to 1024 threads, 1 to 4 CTAs an SM (set by shared
+//                 memory)
+//   row           one 1024-thread CTA per index row: no split, so nothing to combine; the rows
+//                 loaded into registers (16 bytes a lane, 4 rows a 16-lane group in flight)
+//   row-staged    the same CTAs with the rows landing in shared memory instead (cp.async, 16 bytes
+//                 a lane, a ring of 4 stages of 64 K and V rows), as a kernel feeding tensor-core
+//                 MMAs from shared memory would load them
 // No design computes anything: each bounds from below the kernels of its shape.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/split_floor benchmarks/split_floor.cu
 //   /tmp/split_floor [N=32768] [top_k=2048] > split_floor.json   (a one-line summary goes to stderr)
-#include <cooperative_groups.h>
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -28,52 +33,46 @@
 #include "floor_kernels.cuh"
 
 constexpr int kLayers = 28, kHq = 32, kHeadsPerKv = kHq / kHkv;
-constexpr int kState = kD + 2;  // a partial softmax state: [O (D floats), m, l]
+constexpr int kStages = 4;  // row-staged's ring
 
-// CTA (row, split) reads its row's entries [split * per, (split + 1) * per), per = K / splits: groups
-// of 16 lanes, U entries a group in flight, the next entries' positions loaded before the rows are
-// consumed. Then the CTA's state goes to `part` (kCluster false) or, through the cluster's leader
-// CTA, into its output row of `out` (kCluster: the cluster is the row's splits).
-template <int U, bool kCluster>
-__global__ void split_rows(const int4* __restrict__ k, const int4* __restrict__ v, const int* __restrict__ idx,
-                           int K, int splits, int64_t N, float* __restrict__ part, float* __restrict__ out,
-                           unsigned* __restrict__ sink) {
+// row-staged: CTA `row` copies its index row's positions into shared memory, then each 16-lane group
+// moves its rows' K and V pieces (16 bytes a lane) into its slots of a kStages-deep ring by cp.async,
+// one commit group a stage, and reads each piece back once its group has landed. A lane reads only
+// the pieces it copied itself, so no barrier is needed between stages.
+__device__ __forceinline__ void copy_async_16(void* smem, const void* global) {
+  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(global) : "memory");
+}
+
+__global__ void __launch_bounds__(1024) staged_rows(const int4* __restrict__ k, const int4* __restrict__ v,
+                                                    const int* __restrict__ idx, int K, int64_t N,
+                                                    unsigned* __restrict__ sink) {
   start_behind_previous_kernel();
-  extern __shared__ float leader_states[];  // [splits][kState] (kCluster: used in the leader only)
-  const int per = K / splits, row = blockIdx.x / splits, split = blockIdx.x % splits;
-  const int* ix = idx + int64_t(row) * K + split * per;
+  extern __shared__ int4 ring[];  // [kStages][blockDim.x][K piece, V piece], then the K positions
+  int* positions = reinterpret_cast<int*>(ring + kStages * blockDim.x * 2);
+  const int row = blockIdx.x;
+  for (int i = threadIdx.x; i < K; i += blockDim.x) positions[i] = idx[int64_t(row) * K + i];
+  __syncthreads();
   const int64_t base = int64_t(row / kHeadsPerKv) * N * kLanesPerRow;
   const int groups = blockDim.x / kLanesPerRow, g = threadIdx.x / kLanesPerRow, lane = threadIdx.x % kLanesPerRow;
-  int pos[U];
-#pragma unroll
-  for (int u = 0; u < U; ++u) pos[u] = g + u * groups < per ? ix[g + u * groups] : -1;
-  unsigned acc = 0;
-  for (int e = 0; e < per; e += groups * U) {
-    int4 kr[U], vr[U];
-#pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (pos[u] >= 0) {
-        kr[u] = __ldcs(k + base + int64_t(pos[u]) * kLanesPerRow + lane);
-        vr[u] = __ldcs(v + base + int64_t(pos[u]) * kLanesPerRow + lane);
-      }
-#pragma unroll
-    for (int u = 0; u < U; ++u) {  // the next position's load goes out before this row is waited for
-      const int next = e + groups * U + g + u * groups, cur = pos[u];
-      pos[u] = next < per ? ix[next] : -1;
-      if (cur >= 0) acc ^= kr[u].x ^ vr[u].w;
+  const int stages = (K + groups - 1) / groups;
+  auto issue = [&](int s) {  // stage s: entry s * groups + g of the row, into ring slot s % kStages
+    const int e = s * groups + g;
+    int4* slot = ring + ((s % kStages) * blockDim.x + threadIdx.x) * 2;
+    if (s < stages && e < K) {
+      const int64_t at = base + int64_t(positions[e]) * kLanesPerRow + lane;
+      copy_async_16(slot, k + at);
+      copy_async_16(slot + 1, v + at);
     }
-  }
-  const float x = float(acc & 7u);  // a stand-in for the CTA's state, kept alive by the loads
-  if constexpr (kCluster) {
-    namespace cg = cooperative_groups;
-    const cg::cluster_group cluster = cg::this_cluster();
-    float* leader = cluster.map_shared_rank(leader_states, 0);
-    if (threadIdx.x < kState) leader[cluster.block_rank() * kState + threadIdx.x] = x + threadIdx.x;
-    cluster.sync();
-    if (cluster.block_rank() == 0 && threadIdx.x < kD)
-      out[int64_t(row) * kD + threadIdx.x] = merge_element(leader_states, splits, kD, threadIdx.x);
-  } else if (threadIdx.x < kState) {
-    part[int64_t(blockIdx.x) * kState + threadIdx.x] = x;
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
+  };
+  for (int s = 0; s < kStages - 1; ++s) issue(s);
+  unsigned acc = 0;
+  for (int s = 0; s < stages; ++s) {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2) : "memory");
+    const int4* slot = ring + ((s % kStages) * blockDim.x + threadIdx.x) * 2;
+    acc ^= slot[0].x ^ slot[1].w;
+    issue(s + kStages - 1);
   }
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
@@ -93,10 +92,15 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&part, size_t(kHq) * kMaxSplits * kState * sizeof(float)));
   CHECK(cudaMemset(part, 0, size_t(kHq) * kMaxSplits * kState * sizeof(float)));
   CHECK(cudaMalloc(&out, size_t(kHq) * kD * sizeof(float)));
-  const int max_smem = 227 * 1024;
-  CHECK(cudaFuncSetAttribute(split_rows<4, false>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-  CHECK(cudaFuncSetAttribute(split_rows<4, true>, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
-  CHECK(cudaFuncSetAttribute(split_rows<4, true>, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  const int max_smem = 200 * 1024;  // room for the most smem_for() asks, beside the static shared memory
+  constexpr auto partials = split_rows<4, Combine::kPartials>, clustered = split_rows<4, Combine::kCluster>,
+                 last_cta = split_rows<4, Combine::kLastCta>;
+  for (auto kernel : {partials, clustered, last_cta})
+    CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, max_smem));
+  CHECK(cudaFuncSetAttribute(clustered, cudaFuncAttributeNonPortableClusterSizeAllowed, 1));
+  unsigned* arrivals;  // split+last's count a row: zero between calls (the last CTA of a row resets it)
+  CHECK(cudaMalloc(&arrivals, kHq * sizeof(unsigned)));
+  CHECK(cudaMemset(arrivals, 0, kHq * sizeof(unsigned)));
 
   // us a layer: the fastest of three graphs' medians, over 28 layers.
   auto layer_us = [&](auto one_layer) {
@@ -111,9 +115,10 @@ int main(int argc, char** argv) {
   printf("{\"device\": \"%s\", \"date\": \"%s\", \"B\": 1, \"N\": %lld, \"top_k\": %d, \"mode\": \"head\", "
          "\"layers\": %d, \"rows\": [\n", dev.prop.name, dev.date, (long long)N, K, kLayers);
   bool first = true;
-  auto row = [&](const char* design, int splits, int per_sm, int cluster, int active, float us) {
-    printf("%s{\"design\": \"%s\", \"splits\": %d, \"ctas_per_sm\": %d, \"cluster\": %d, "
-           "\"clusters_at_once\": %d, \"us\": %.2f}", first ? "" : ",\n", design, splits, per_sm, cluster, active, us);
+  auto row = [&](const char* design, int splits, int threads, int per_sm, int cluster, int active, float us) {
+    printf("%s{\"design\": \"%s\", \"splits\": %d, \"threads\": %d, \"ctas_per_sm\": %d, \"cluster\": %d, "
+           "\"clusters_at_once\": %d, \"us\": %.2f}",
+           first ? "" : ",\n", design, splits, threads, per_sm, cluster, active, us);
     first = false;
   };
 
@@ -123,47 +128,57 @@ int main(int argc, char** argv) {
     launch(gather_rows<1>, {gather_grid, 256}, st, true, (const int4*)k[l], (const int4*)v[l], set(l), items, K,
            kHeadsPerKv, N, dev.sink);
   });
-  row("gather", 0, 0, 0, 0, gather);
+  row("gather", 0, 256, 0, 0, 0, gather);
 
-  // Shared memory that holds `per_sm` 256-thread CTAs an SM (and no more).
-  auto smem_for = [](int per_sm) { return per_sm == 2 ? 100 * 1024 : per_sm == 3 ? 70 * 1024 : 52 * 1024; };
-  auto split = [&](int splits, int per_sm, bool merge) {
+  // Shared memory that holds `per_sm` CTAs an SM (and no more).
+  auto smem_for = [](int per_sm) {
+    return (per_sm == 1 ? 120 : per_sm == 2 ? 100 : per_sm == 3 ? 70 : 52) * 1024;
+  };
+  auto split = [&](int splits, int threads, int per_sm, bool last, bool merge) {
     return layer_us([&](int l, cudaStream_t st) {
-      launch(split_rows<4, false>, {kHq * splits, 256, smem_for(per_sm)}, st, true, (const int4*)k[l],
-             (const int4*)v[l], set(l), K, splits, N, part, out, dev.sink);
+      launch(last ? last_cta : partials, {kHq * splits, threads, smem_for(per_sm)}, st, true, (const int4*)k[l],
+             (const int4*)v[l], set(l), K, splits, kHeadsPerKv, N, part, out, arrivals, dev.sink);
       if (merge) launch(merge_partials, {kHq, kD}, st, true, (const float*)part, splits, out);
     });
   };
-  const float split_only = split(8, 2, false), split_merge = split(8, 2, true);
-  row("split", 8, 2, 0, 0, split_only);
-  row("split+merge", 8, 2, 0, 0, split_merge);
+  const float split_only = split(8, 256, 2, false, false), split_merge = split(8, 256, 2, false, true);
+  const float split_last = split(8, 256, 2, true, false);
+  row("split", 8, 256, 2, 0, 0, split_only);
+  row("split+merge", 8, 256, 2, 0, 0, split_merge);
+  row("split+last", 8, 256, 2, 0, 0, split_last);
 
   float best_cluster = 1e30f;
-  const int cluster_shapes[][2] = {{8, 2}, {6, 2}, {8, 3}, {16, 4}};  // {splits, CTAs an SM}
+  const int cluster_shapes[][3] = {  // {splits, threads, CTAs an SM}
+      {8, 256, 2}, {6, 256, 2}, {8, 256, 3}, {16, 256, 4}, {2, 1024, 1}, {3, 1024, 1}, {4, 1024, 1}, {4, 512, 2}};
   for (const auto& c : cluster_shapes) {
-    const int splits = c[0], per_sm = c[1];
-    const LaunchShape shape = {kHq * splits, 256, smem_for(per_sm), splits};
+    const int splits = c[0], threads = c[1], per_sm = c[2];
+    const LaunchShape shape = {kHq * splits, threads, smem_for(per_sm), splits};
     const LaunchConfig config(shape, nullptr, false);
     int active = 0;  // clusters of this shape the card runs at once (under 32: the rows take two waves)
-    CHECK(cudaOccupancyMaxActiveClusters(&active, split_rows<4, true>, &config.cfg));
+    CHECK(cudaOccupancyMaxActiveClusters(&active, clustered, &config.cfg));
     const float us = layer_us([&](int l, cudaStream_t st) {
-      launch(split_rows<4, true>, shape, st, true, (const int4*)k[l], (const int4*)v[l], set(l), K, splits, N,
-             part, out, dev.sink);
+      launch(clustered, shape, st, true, (const int4*)k[l], (const int4*)v[l], set(l), K, splits, kHeadsPerKv, N,
+             part, out, arrivals, dev.sink);
     });
     best_cluster = std::min(best_cluster, us);
-    row("cluster", splits, per_sm, splits, active, us);
+    row("cluster", splits, threads, per_sm, splits, active, us);
   }
 
-  // One CTA an SM: its shared memory leaves room for no second one.
-  const float one_cta = layer_us([&](int l, cudaStream_t st) {
-    launch(split_rows<4, false>, {kHq, 1024, 120 * 1024}, st, true, (const int4*)k[l], (const int4*)v[l],
-           set(l), K, 1, N, part, out, dev.sink);
+  // One CTA a row (one an SM: 32 CTAs on 32 SMs).
+  const float one_cta = split(1, 1024, 1, false, false);
+  row("row", 1, 1024, 1, 0, 0, one_cta);
+  const int staged_smem = kStages * 1024 * 2 * 16 + K * 4;
+  CHECK(cudaFuncSetAttribute(staged_rows, cudaFuncAttributeMaxDynamicSharedMemorySize, staged_smem));
+  const float staged = layer_us([&](int l, cudaStream_t st) {
+    launch(staged_rows, {kHq, 1024, staged_smem}, st, true, (const int4*)k[l], (const int4*)v[l], set(l), K, N,
+           dev.sink);
   });
-  row("row", 1, 1, 0, 0, one_cta);
+  row("row-staged", 1, 1024, 1, 0, 0, staged);
   printf("\n]}\n");
   fprintf(stderr,
           "split floor (B 1, N %lld, top-k %d, head mode, us a sparse layer): reads %.2f, split %.2f, "
-          "split+merge %.2f, best cluster %.2f, a CTA a row %.2f\n",
-          (long long)N, K, gather, split_only, split_merge, best_cluster, one_cta);
+          "split+merge %.2f, split+last %.2f, best cluster %.2f, a CTA a row %.2f (rows staged in shared "
+          "memory %.2f)\n",
+          (long long)N, K, gather, split_only, split_merge, split_last, best_cluster, one_cta, staged);
   return 0;
 }

@@ -11,10 +11,12 @@
 // resident behind the one before and starts reading the moment it ends, as the ops' kernels within
 // one op do). Rows with "layers": "sparse" time the 28 sparse layers' reads alone (the step without
 // its dense layers). Rows with "merge": true put floor_kernels.cuh's merge_partials behind every
-// layer (32 rows of kMergeSplits partial states each): the floor of a step whose layers split their
-// rows over CTAs and merge them in a kernel of their own, as the ops do (still no softmax, no
-// top-k). Index rows: head mode 32 rows (4 per KV head), group mode 8, each top_k distinct random
-// positions, sorted, one set per select layer.
+// layer whose rows are split over CTAs (32 rows of kMergeSplits partial states each): the floor of
+// a step whose layers merge their splits in a kernel of their own, as the ops do (still no softmax,
+// no top-k). Rows with "sparse": "row" (head mode) read each sparse layer's rows the one way that
+// needs no combine: one 1024-thread CTA an index row (split_floor.cu's fastest such design), so
+// with "merge": true only the dense layers get a merge. Index rows: head mode 32 rows (4 per KV
+// head), group mode 8, each top_k distinct random positions, sorted, one set per select layer.
 //
 //   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/step_floor benchmarks/step_floor.cu
 //   /tmp/step_floor [N=32768] [top_k=2048] > step_floor.json   (a one-line summary goes to stderr)
@@ -42,6 +44,8 @@ int main(int argc, char** argv) {
 
   const size_t cache_bytes = size_t(kHkv) * N * kRowBytes;  // one K (or V) cache, B = 1
   const LayerCaches caches(kLayers, cache_bytes);
+  constexpr auto row_reads = split_rows<4, Combine::kPartials>;  // "sparse": "row": a CTA an index row
+  CHECK(cudaFuncSetAttribute(row_reads, cudaFuncAttributeMaxDynamicSharedMemorySize, 120 * 1024));
   const std::vector<int4*>&k = caches.k, &v = caches.v;
   // idx[mode][s]: select layer s's index rows (mode 0 head: kHq rows, 1 group: kHkv rows).
   std::mt19937 rng(1234);
@@ -60,34 +64,43 @@ int main(int argc, char** argv) {
   const int64_t vecs = cache_bytes / 16;
   bool first = true;
   float best[2][2] = {{1e30f, 1e30f}, {1e30f, 1e30f}};  // [merge][mode]
-  for (int variant = 0; variant < 16; ++variant) {
-    const int merge = variant >> 3, mode = (variant >> 2) & 1, early = (variant >> 1) & 1, only_sparse = variant & 1;
+  for (int variant = 0; variant < 24; ++variant) {
+    // bits: 0 sparse layers only, 1 early, 2 mode (0-15) or merge (16-23: head mode, a CTA a row)
+    const bool row_design = variant >= 16;
+    const int mode = row_design ? 0 : (variant >> 2) & 1;
+    const int merge = row_design ? (variant >> 2) & 1 : (variant >> 3) & 1;
+    const int early = (variant >> 1) & 1, only_sparse = variant & 1;
     const int sel = mode == 0 ? kHq : kHkv;
     const int64_t items = int64_t(sel) * K;
     const int gather_grid = gather_rows_grid(items, 1, 256);
     auto step = [&](int, cudaStream_t st) {
       for (int l = 0; l < kLayers; ++l) {
-        if (!dense_layer(l))
-          launch(gather_rows<1>, {gather_grid, 256}, st, early, (const int4*)k[l], (const int4*)v[l],
-                 (const int*)idx[mode][l > kSelectLayers[1]], items, K, sel / kHkv, N, dev.sink);
-        else if (!only_sparse)
+        const int* rows = idx[mode][l > kSelectLayers[1]];
+        if (dense_layer(l) && only_sparse) continue;
+        if (dense_layer(l))
           launch(stream_ldg, {4 * dev.sms, 256}, st, early, (const int4*)k[l], (const int4*)v[l], vecs, dev.sink);
+        else if (row_design)
+          launch(row_reads, {sel, 1024, 120 * 1024}, st, early, (const int4*)k[l], (const int4*)v[l], rows, K, 1,
+                 sel / kHkv, N, part, merged, nullptr, dev.sink);
         else
-          continue;
-        if (merge) launch(merge_partials, {kHq, kD}, st, early, (const float*)part, kMergeSplits, merged);
+          launch(gather_rows<1>, {gather_grid, 256}, st, early, (const int4*)k[l], (const int4*)v[l], rows, items,
+                 K, sel / kHkv, N, dev.sink);
+        if (merge && (dense_layer(l) || !row_design))
+          launch(merge_partials, {kHq, kD}, st, early, (const float*)part, kMergeSplits, merged);
       }
     };
     const float us = median_us(step, 1);
     if (!only_sparse) best[merge][mode] = std::min(best[merge][mode], us);
-    printf("%s{\"mode\": \"%s\", \"launch\": \"%s\", \"layers\": \"%s\", \"merge\": %s, \"us\": %.2f}",
-           first ? "" : ",\n", mode == 0 ? "head" : "group", early ? "early" : "plain",
+    printf("%s{\"mode\": \"%s\", \"sparse\": \"%s\", \"launch\": \"%s\", \"layers\": \"%s\", "
+           "\"merge\": %s, \"us\": %.2f}",
+           first ? "" : ",\n", mode == 0 ? "head" : "group", row_design ? "row" : "gather", early ? "early" : "plain",
            only_sparse ? "sparse" : "all", merge ? "true" : "false", us);
     first = false;
   }
   printf("\n]}\n");
   fprintf(stderr,
           "step floor (B 1, N %lld, top-k %d, 32 layers of pure reads): head %.1f us, group %.1f us; "
-          "a split merge behind each layer: head %.1f us, group %.1f us\n",
+          "with the merges each design needs: head %.1f us, group %.1f us\n",
           (long long)N, K, best[0][0], best[0][1], best[1][0], best[1][1]);
   return 0;
 }

@@ -1,9 +1,9 @@
 """CPU test of benchmarks/bench_ops.py's step bounds: floor_bound is 32 x SDPA over the floors of the
 step's reads (dense layers at the stream floor, sparse layers at the gather floor; head mode the
 faster of its per-head and distinct rows), step_floor_bound 32 x SDPA over the fastest pure-read step
-of the mode (step_floor.cu) and step_merge_floor_bound over the fastest such step with a split merge
-behind each layer, each only where its floors were measured (B = 1, same N); and the rotation that
-keeps L2 from serving a benchmark's repeated reads."""
+of the mode (step_floor.cu) and step_merge_floor_bound over the fastest such step that merges what
+its layers split (whichever sparse design), each only where its floors were measured (B = 1, same
+N); and the rotation that keeps L2 from serving a benchmark's repeated reads."""
 import json
 import os
 import sys
@@ -40,6 +40,8 @@ def test_floor_bound_from_the_floor_files(tmp_path):
         {"mode": "group", "launch": "early", "layers": "all", "us": 330.0},
         {"mode": "head", "launch": "early", "layers": "all", "merge": True, "us": 580.0},
         {"mode": "head", "launch": "plain", "layers": "all", "merge": True, "us": 590.0},
+        {"mode": "head", "sparse": "row", "launch": "early", "layers": "all", "merge": False, "us": 575.0},
+        {"mode": "head", "sparse": "row", "launch": "early", "layers": "all", "merge": True, "us": 570.0},
         {"mode": "head", "launch": "early", "layers": "sparse", "merge": True, "us": 420.0}]})  # no group merge row
     bench_ops.floor_bounds(rows, str(tmp_path))
     head, group, b8, n128 = rows
@@ -51,7 +53,8 @@ def test_floor_bound_from_the_floor_files(tmp_path):
     assert head["step_floor_us"] == 550.0 and head["step_floor_bound"] == pytest.approx(1640.0 / 550.0)
     assert group["step_floor_bound"] == pytest.approx(1640.0 / 330.0)
     assert "step_floor_bound" not in b8 and "step_floor_bound" not in n128
-    assert head["step_merge_floor_us"] == 580.0 and head["step_merge_floor_bound"] == pytest.approx(1640.0 / 580.0)
+    # the fastest design with its merges: sparse layers a CTA a row (merges behind the dense layers only)
+    assert head["step_merge_floor_us"] == 570.0 and head["step_merge_floor_bound"] == pytest.approx(1640.0 / 570.0)
     assert "step_merge_floor_bound" not in group and "step_merge_floor_bound" not in b8
 
 
