@@ -220,7 +220,6 @@ __global__ void split_rows(const int4* __restrict__ k, const int4* __restrict__ 
   if (acc == 0x9e3779b9u) sink[0] = acc;
 }
 
-
 // The least a split layer's combine costs as a kernel of its own (as merge_splits follows the
 // attention and gather kernels): each CTA (an output row) weighs `splits` partial softmax states
 // [O (blockDim.x floats), m, l] from `part` and writes its row. The kernel before it writes no
