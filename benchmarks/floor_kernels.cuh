@@ -232,6 +232,11 @@ __global__ void merge_partials(const float* __restrict__ part, int splits, float
       merge_element(part + int64_t(blockIdx.x) * splits * (D + 2), splits, D, threadIdx.x);
 }
 
+// Dynamic shared memory that lets `per_sm` (1 to 4) CTAs share an SM and no more.
+inline int smem_for_ctas_per_sm(int per_sm) {
+  return (per_sm == 1 ? 120 : per_sm == 2 ? 100 : per_sm == 3 ? 70 : 52) * 1024;
+}
+
 // A launch's shape: grid and block, dynamic shared memory, CTAs a thread-block cluster.
 struct LaunchShape {
   int grid, block, smem = 0, cluster = 1;

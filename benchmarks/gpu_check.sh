@@ -124,7 +124,7 @@ if has bench; then
   summary+=("$(tail -2 "$OUT/step_floor.log" | tr '\n' ' ')")
   # What combining a sparse layer's split rows costs beyond reading them, by design (merge kernel,
   # thread-block cluster, one CTA a row), in read-only kernels.
-  nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/split_floor benchmarks/split_floor.cu &&
+  nvcc -O3 -std=c++17 -Iinclude -gencode=arch=compute_90a,code=sm_90a -o /tmp/split_floor benchmarks/split_floor.cu &&
     /tmp/split_floor 32768 2048 >"$OUT/split_floor_32k.json" 2>"$OUT/split_floor.log"
   summary+=("$(tail -1 "$OUT/split_floor.log")")
   "$PY" benchmarks/bench_ops.py --out "$OUT/ops.json" --floors "$OUT" ${BENCH_ARGS:-} 2>&1 | tee "$OUT/bench.log" | tail -70

@@ -19,7 +19,7 @@
 //                 MMAs from shared memory would load them
 // No design computes anything: each bounds from below the kernels of its shape.
 //
-//   nvcc -O3 -std=c++17 -gencode=arch=compute_90a,code=sm_90a -o /tmp/split_floor benchmarks/split_floor.cu
+//   nvcc -O3 -std=c++17 -Iinclude -gencode=arch=compute_90a,code=sm_90a -o /tmp/split_floor benchmarks/split_floor.cu
 //   /tmp/split_floor [N=32768] [top_k=2048] > split_floor.json   (a one-line summary goes to stderr)
 #include <cuda_runtime.h>
 
@@ -31,6 +31,12 @@
 #include <vector>
 
 #include "floor_kernels.cuh"
+#include "tidal/kernels/cuda_attention.cuh"
+
+// The tile kernel's own cp.async helpers (its sm_80 loads).
+using tidal::kernels::cuda::cp_async_16;
+using tidal::kernels::cuda::cp_async_commit;
+using tidal::kernels::cuda::cp_async_wait;
 
 constexpr int kLayers = 28, kHq = 32, kHeadsPerKv = kHq / kHkv;
 constexpr int kStages = 4;  // row-staged's ring
@@ -39,11 +45,6 @@ constexpr int kStages = 4;  // row-staged's ring
 // moves its rows' K and V pieces (16 bytes a lane) into its slots of a kStages-deep ring by cp.async,
 // one commit group a stage, and reads each piece back once its group has landed. A lane reads only
 // the pieces it copied itself, so no barrier is needed between stages.
-__device__ __forceinline__ void copy_async_16(void* smem, const void* global) {
-  const unsigned s = static_cast<unsigned>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(s), "l"(global) : "memory");
-}
-
 __global__ void __launch_bounds__(1024) staged_rows(const int4* __restrict__ k, const int4* __restrict__ v,
                                                     const int* __restrict__ idx, int K, int64_t N,
                                                     unsigned* __restrict__ sink) {
@@ -61,15 +62,15 @@ __global__ void __launch_bounds__(1024) staged_rows(const int4* __restrict__ k, 
     int4* slot = ring + ((s % kStages) * blockDim.x + threadIdx.x) * 2;
     if (s < stages && e < K) {
       const int64_t at = base + int64_t(positions[e]) * kLanesPerRow + lane;
-      copy_async_16(slot, k + at);
-      copy_async_16(slot + 1, v + at);
+      cp_async_16(slot, k + at, true);
+      cp_async_16(slot + 1, v + at, true);
     }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
+    cp_async_commit();
   };
   for (int s = 0; s < kStages - 1; ++s) issue(s);
   unsigned acc = 0;
   for (int s = 0; s < stages; ++s) {
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(kStages - 2) : "memory");
+    cp_async_wait<kStages - 2>();
     const int4* slot = ring + ((s % kStages) * blockDim.x + threadIdx.x) * 2;
     acc ^= slot[0].x ^ slot[1].w;
     issue(s + kStages - 1);
@@ -92,7 +93,7 @@ int main(int argc, char** argv) {
   CHECK(cudaMalloc(&part, size_t(kHq) * kMaxSplits * kState * sizeof(float)));
   CHECK(cudaMemset(part, 0, size_t(kHq) * kMaxSplits * kState * sizeof(float)));
   CHECK(cudaMalloc(&out, size_t(kHq) * kD * sizeof(float)));
-  const int max_smem = 200 * 1024;  // room for the most smem_for() asks, beside the static shared memory
+  const int max_smem = 200 * 1024;  // the most smem_for_ctas_per_sm() asks, with room for static smem
   constexpr auto partials = split_rows<4, Combine::kPartials>, clustered = split_rows<4, Combine::kCluster>,
                  last_cta = split_rows<4, Combine::kLastCta>;
   for (auto kernel : {partials, clustered, last_cta})
@@ -130,14 +131,10 @@ int main(int argc, char** argv) {
   });
   row("gather", 0, 256, 0, 0, 0, gather);
 
-  // Shared memory that holds `per_sm` CTAs an SM (and no more).
-  auto smem_for = [](int per_sm) {
-    return (per_sm == 1 ? 120 : per_sm == 2 ? 100 : per_sm == 3 ? 70 : 52) * 1024;
-  };
   auto split = [&](int splits, int threads, int per_sm, bool last, bool merge) {
     return layer_us([&](int l, cudaStream_t st) {
-      launch(last ? last_cta : partials, {kHq * splits, threads, smem_for(per_sm)}, st, true, (const int4*)k[l],
-             (const int4*)v[l], set(l), K, splits, kHeadsPerKv, N, part, out, arrivals, dev.sink);
+      launch(last ? last_cta : partials, {kHq * splits, threads, smem_for_ctas_per_sm(per_sm)}, st, true,
+             (const int4*)k[l], (const int4*)v[l], set(l), K, splits, kHeadsPerKv, N, part, out, arrivals, dev.sink);
       if (merge) launch(merge_partials, {kHq, kD}, st, true, (const float*)part, splits, out);
     });
   };
@@ -152,7 +149,7 @@ int main(int argc, char** argv) {
       {8, 256, 2}, {6, 256, 2}, {8, 256, 3}, {16, 256, 4}, {2, 1024, 1}, {3, 1024, 1}, {4, 1024, 1}, {4, 512, 2}};
   for (const auto& c : cluster_shapes) {
     const int splits = c[0], threads = c[1], per_sm = c[2];
-    const LaunchShape shape = {kHq * splits, threads, smem_for(per_sm), splits};
+    const LaunchShape shape = {kHq * splits, threads, smem_for_ctas_per_sm(per_sm), splits};
     const LaunchConfig config(shape, nullptr, false);
     int active = 0;  // clusters of this shape the card runs at once (under 32: the rows take two waves)
     CHECK(cudaOccupancyMaxActiveClusters(&active, clustered, &config.cfg));

@@ -45,7 +45,8 @@ int main(int argc, char** argv) {
   const size_t cache_bytes = size_t(kHkv) * N * kRowBytes;  // one K (or V) cache, B = 1
   const LayerCaches caches(kLayers, cache_bytes);
   constexpr auto row_reads = split_rows<4, Combine::kPartials>;  // "sparse": "row": a CTA an index row
-  CHECK(cudaFuncSetAttribute(row_reads, cudaFuncAttributeMaxDynamicSharedMemorySize, 120 * 1024));
+  const int row_smem = smem_for_ctas_per_sm(1);  // one such CTA an SM
+  CHECK(cudaFuncSetAttribute(row_reads, cudaFuncAttributeMaxDynamicSharedMemorySize, row_smem));
   const std::vector<int4*>&k = caches.k, &v = caches.v;
   // idx[mode][s]: select layer s's index rows (mode 0 head: kHq rows, 1 group: kHkv rows).
   std::mt19937 rng(1234);
@@ -80,7 +81,7 @@ int main(int argc, char** argv) {
         if (dense_layer(l))
           launch(stream_ldg, {4 * dev.sms, 256}, st, early, (const int4*)k[l], (const int4*)v[l], vecs, dev.sink);
         else if (row_design)
-          launch(row_reads, {sel, 1024, 120 * 1024}, st, early, (const int4*)k[l], (const int4*)v[l], rows, K, 1,
+          launch(row_reads, {sel, 1024, row_smem}, st, early, (const int4*)k[l], (const int4*)v[l], rows, K, 1,
                  sel / kHkv, N, part, merged, nullptr, dev.sink);
         else
           launch(gather_rows<1>, {gather_grid, 256}, st, early, (const int4*)k[l], (const int4*)v[l], rows, items,
